@@ -110,7 +110,7 @@ def sneaky_relu_log_derivative(x: torch.Tensor, slope: float = 0.1) -> torch.Ten
         sigma'(x) - 1 = -alpha c (1 - u),   1 - u = 1 / (r (r + x)) for x >= 0, 1 + |x| / r for x < 0;
         sigma'(x)     = c ((1 - alpha^2) + (alpha / r)^2) / (1 - alpha u)                  (x < 0),
 
-    the second being the brief's (1 + (1 - alpha^2) x^2) / (r (r - alpha x)) divided through by r^2
+    the second being (1 + (1 - alpha^2) x^2) / (r (r - alpha x)) divided through by r^2
     (no x^2 overflow). We return log1p(sigma' - 1) where sigma' >= 1/2 (always the case for x >= 0,
     and accurate even where log sigma' ~ -1/x^2) and log(sigma') where sigma' < 1/2 (x << 0 with a
     small slope, where log1p would amplify rounding); both are then within a few ulps.
