@@ -206,7 +206,8 @@ class SpectralFactorization:
         else:
             sol = torch.linalg.lu_solve(self.LU, self.pivots, rhs)  # (h*w', c, B + 1)
         with torch.no_grad():
-            growth = _norm1(sol.unsqueeze(-1)).squeeze(-1) / _norm1(rhs.unsqueeze(-1)).squeeze(-1).clamp_min(1e-300)
+            tiny = torch.finfo(self.norm1.dtype).tiny
+            growth = sol.abs().sum(-2) / rhs.abs().sum(-2).clamp_min(tiny)  # (h*w', B + 1): |A^-1 r|_1 / |r|_1
             condition = torch.nan_to_num(self.norm1 * growth.amax(-1), nan=math.inf)
         return sol[..., :B], condition
 

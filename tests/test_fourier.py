@@ -155,3 +155,13 @@ def test_nearly_singular_float32_is_refused_not_returned_wrong():
 def test_bad_input_gets_a_clear_error(call, error, match):
     with pytest.raises(error, match=match):
         call()
+
+
+@given(c=st.integers(1, 12), h=st.integers(2, 7), w=st.integers(2, 7))
+def test_fresh_condition_estimate_is_a_lower_bound_within_a_factor_c(c, h, w):
+    """The one-step estimate never exceeds the exact 1-norm condition number and is within c of it."""
+    weight = random_weight(c, 3, identity=0.3)
+    exact = fourier.factorize(weight, h, w, explicit=True).condition
+    _, estimate = fourier.factorize(weight, h, w).solve(fourier.to_frequencies(torch.randn(2, c, h, w, dtype=torch.float64)))
+    assert (estimate <= exact * (1 + 1e-9)).all()
+    assert (estimate >= exact / c - 1e-9).all()
