@@ -71,6 +71,11 @@ class LogitTransform(nn.Module):
             raise ValueError(f"alpha must lie strictly between 0 and 0.5, got {alpha!r}")
         self.alpha = float(alpha)
 
+    @property
+    def margin(self) -> float:
+        """The map is a bijection from :math:`(-m, 1 + m)`, :math:`m = \\alpha/(1 - 2\\alpha)`, onto the real line."""
+        return self.alpha / (1 - 2 * self.alpha)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         a = self.alpha
         s = a + (1 - 2 * a) * x  # in [a, 1 - a]
@@ -179,7 +184,9 @@ class FlowModel(nn.Module):
     (dequantized images). Then
 
     * ``log_prob(x)`` :math:`= \log\mathcal N(z; 0, I) + \log|\det Df(x)|`, the exact log density
-      of :math:`x` in the unit cube;
+      of :math:`x` in the unit cube (``forward`` accepts the logit's slightly larger domain, so
+      that ``forward(inverse(z))`` works for every ``z``; the density lives on :math:`[0, 1]^D`
+      only up to the mass the flow puts outside it);
     * ``bits_per_dim(images)`` for ``uint8`` images: dequantize :math:`x = (k + u)/256`,
       :math:`u \sim U[0,1)^D`, and return :math:`(-\log p(x) + D\log 256)/(D \ln 2)`. The
       :math:`D \log 256` converts the density on :math:`[0,1]^D` to one on :math:`[0,256)^D`,
@@ -205,8 +212,9 @@ class FlowModel(nn.Module):
         check_image(x, name)
         if tuple(x.shape[1:]) != tuple(self.shape):
             raise ValueError(f"{name} has shape {tuple(x.shape)}; this flow takes images of shape (B, {', '.join(map(str, self.shape))})")
-        lo, hi = float(x.min()), float(x.max())
-        if lo < 0 or hi > 1:
+        lo, hi = (float(v) for v in x.detach().aminmax())
+        margin = self.preprocess.margin  # the logit is defined a little beyond [0, 1]
+        if lo <= -margin or hi >= 1 + margin:
             raise ValueError(f"{name} must hold dequantized pixel values in [0, 1], found values in [{lo:.3g}, {hi:.3g}]; "
                              "use iconv.data.dequantize(images) on uint8 images, or bits_per_dim(images)")
 

@@ -157,11 +157,21 @@ def test_bad_input_gets_a_clear_error(call, error, match):
         call()
 
 
-@given(c=st.integers(1, 12), h=st.integers(2, 7), w=st.integers(2, 7))
-def test_fresh_condition_estimate_is_a_lower_bound_within_a_factor_c(c, h, w):
-    """The one-step estimate never exceeds the exact 1-norm condition number and is within c of it."""
+@given(c=st.integers(1, 12), h=st.integers(2, 7), w=st.integers(2, 7), seed=st.integers(0, 2**16))
+def test_fresh_condition_estimate_is_a_lower_bound(c, h, w, seed):
+    """The one-step estimate never exceeds the exact 1-norm condition number."""
+    torch.manual_seed(seed)
     weight = random_weight(c, 3, identity=0.3)
     exact = fourier.factorize(weight, h, w, explicit=True).condition
-    _, estimate = fourier.factorize(weight, h, w).solve(fourier.to_frequencies(torch.randn(2, c, h, w, dtype=torch.float64)))
+    y = torch.randn(2, c, h, w, dtype=torch.float64)
+    _, estimate = fourier.factorize(weight, h, w).solve(fourier.to_frequencies(y))
     assert (estimate <= exact * (1 + 1e-9)).all()
-    assert (estimate >= exact / c - 1e-9).all()
+
+
+def test_fresh_condition_estimate_is_close_enough_to_catch_singular_blocks():
+    """Typically within a factor of a few: the median ratio over many blocks stays above 1/10."""
+    weight = random_weight(16, 3, identity=0.3)
+    exact = fourier.factorize(weight, 8, 8, explicit=True).condition
+    y = torch.randn(4, 16, 8, 8, dtype=torch.float64)
+    _, estimate = fourier.factorize(weight, 8, 8).solve(fourier.to_frequencies(y))
+    assert (estimate / exact).median() > 0.1
