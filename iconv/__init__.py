@@ -4,7 +4,7 @@ Finzi, Izmailov, Maddox, Kirichenko, Wilson, "Invertible Convolutional Networks"
 convolutions inverted frequency by frequency, SneakyReLU, invertible downsampling, and the fully
 convolutional normalizing flow and classifier built from them.
 """
-from . import fourier, lifting
+from . import data, fourier, lifting
 from .activations import SneakyReLU, sneaky_relu, sneaky_relu_inverse, sneaky_relu_log_derivative
 from .circular import circular_conv2d, dense_conv_matrix
 from .conv import InvertibleConv2d
@@ -14,7 +14,7 @@ from .errors import NotInvertibleError
 __version__ = "0.1.0"
 
 __all__ = [
-    "fourier", "lifting", "circular_conv2d", "dense_conv_matrix", "InvertibleConv2d", "SneakyReLU",
+    "data", "fourier", "lifting", "circular_conv2d", "dense_conv_matrix", "InvertibleConv2d", "SneakyReLU",
     "sneaky_relu", "sneaky_relu_inverse", "sneaky_relu_log_derivative", "Squeeze", "NNDownsample",
     "AvgDownsample", "NotInvertibleError",
 ]
