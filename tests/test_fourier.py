@@ -169,9 +169,20 @@ def test_fresh_condition_estimate_is_a_lower_bound(c, h, w, seed):
 
 
 def test_fresh_condition_estimate_is_close_enough_to_catch_singular_blocks():
-    """Typically within a factor of a few: the median ratio over many blocks stays above 1/10."""
+    """After Hager's refinement step the estimate is within a factor 3 on these blocks, mostly exact."""
     weight = random_weight(16, 3, identity=0.3)
     exact = fourier.factorize(weight, 8, 8, explicit=True).condition
     y = torch.randn(4, 16, 8, 8, dtype=torch.float64)
-    _, estimate = fourier.factorize(weight, 8, 8).solve(fourier.to_frequencies(y))
-    assert (estimate / exact).median() > 0.1
+    for backend in ("complex", "lifted"):
+        _, estimate = fourier.factorize(weight, 8, 8, backend).solve(fourier.to_frequencies(y))
+        ratio = estimate / exact
+        assert ratio.min() > 1 / 3 and ratio.median() > 0.99
+
+
+def test_fresh_inverse_refuses_a_condition_number_just_above_the_float32_limit():
+    c = 8
+    weight = torch.zeros(c, c, 3, 3)
+    weight[:, :, 1, 1] = torch.eye(c)
+    weight[0, 0, 1, 1] = 1 / 1.2e5  # condition number 1.2e5 > 8.4e4, the float32 limit
+    with pytest.raises(iconv.NotInvertibleError):
+        fourier.inverse(torch.randn(2, c, 4, 4), weight)
