@@ -14,8 +14,8 @@ yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[1]
 BOOK = ROOT / "book"
-NOTEBOOKS = sorted(BOOK.glob("*.ipynb"))
-TEMPLATE = BOOK / "00_template.ipynb"  # temporary pattern chapter, not in the toc
+TEMPLATE = ROOT / "tools" / "chapter_template.ipynb"  # the pattern new chapters copy; not in the toc
+NOTEBOOKS = sorted(BOOK.glob("*.ipynb")) + [TEMPLATE]
 
 
 def load_config():
@@ -75,7 +75,7 @@ def test_notebook_setup_cell_and_metadata(path):
     assert meta.get("accelerator") == "GPU", "Colab should ask for a GPU"
     source = "".join(first_code_cell(nb)["source"])
     urls = re.findall(r"""^REPO_URL\s*=\s*["']([^"']+)["']""", source, flags=re.M)
-    assert urls, "the first code cell must define REPO_URL (copy it from 00_template)"
+    assert urls, "the first code cell must define REPO_URL (copy it from tools/chapter_template.ipynb)"
     assert urls[0].rstrip("/") == repo_url(), "REPO_URL differs from _config.yml repository.url"
     for needle in ('"google.colab" in sys.modules', "ICONV_SIZE", "invertible-convnets @ git+"):
         assert needle in source, f"setup cell lacks {needle!r}"

@@ -9,7 +9,7 @@ import re
 root = pathlib.Path(__file__).resolve().parent.parent
 url = re.search(r"^repository:\s*\n\s+url:\s*(\S+)", (root / "_config.yml").read_text(), re.M).group(1)
 pattern = re.compile(r'REPO_URL = "[^"]*"')
-for path in sorted((root / "book").glob("*.ipynb")):
+for path in sorted((root / "book").glob("*.ipynb")) + [root / "tools" / "chapter_template.ipynb"]:
     nb = json.loads(path.read_text())
     changed = False
     for cell in nb["cells"]:

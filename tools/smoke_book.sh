@@ -7,7 +7,7 @@
 #   add --template-only to replace every chapter (even existing ones) by the template
 #
 # Copies the working tree (without _build/ and .git/) to a temp dir, fills every chapter of
-# _toc.yml that does not exist yet with a copy of book/00_template.ipynb (labels made unique),
+# _toc.yml that does not exist yet with a copy of tools/chapter_template.ipynb (labels made unique),
 # and runs .ci/build_book.sh there. Prints the scratch dir; the working tree is not touched.
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -29,7 +29,7 @@ import json, pathlib, re, sys
 mode, template_only = sys.argv[1], sys.argv[2] == "1"
 toc = pathlib.Path("_toc.yml").read_text()
 chapters = re.findall(r"^\s*-\s*file:\s*(\S+)", toc, flags=re.M)
-template = pathlib.Path("book/00_template.ipynb").read_text()
+template = pathlib.Path("tools/chapter_template.ipynb").read_text()
 made = []
 for ch in chapters:
     if ch in ("book/intro", "book/references"):
