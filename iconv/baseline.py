@@ -174,6 +174,11 @@ class GlowBaseline(FlowModel):
                 x = torch.cat([parts[i], x], dim=1)
             for step in reversed(self.levels[i]):
                 x = step.inverse(x)
+            if not bool(torch.isfinite(x).all()):
+                raise FloatingPointError(
+                    f"GlowBaseline.inverse overflowed at scale {i}: the affine couplings divide by their scales "
+                    f"s = sigmoid(.) and some 1/s products exceed the {x.dtype} range; sample at a lower temperature "
+                    "or in float64")
             x = self.squeeze.inverse(x)
         return self.preprocess.inverse(x)
 

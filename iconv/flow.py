@@ -20,6 +20,14 @@ space-to-depth downsampling instead), the logit preprocessing is inverted exactl
 log-determinant is counted, the only normalisation is an affine layer with ordinary parameters
 (so the map is the same in train and eval mode), and nothing assumes CUDA.
 
+The affine layers (:class:`ActNorm` per channel, :class:`PixelAffine` per pixel) start at the
+identity; their data-dependent start is an explicit, one-time call, :meth:`FlowModel.initialize`,
+made with the same batch on every process before training, after which they are ordinary
+parameters. That keeps them deterministic in train and eval mode and safe under
+DistributedDataParallel (Glow's implicit first-batch initialisation is a known source of
+multi-GPU bugs). The one per-pixel affine is the only layer that is not translation-equivariant:
+see :class:`PixelAffine` for why it is there (``pixel_affine=False`` removes it).
+
 Layers follow the protocol of :mod:`iconv`: ``forward(x) -> (y, logabsdet of shape (B,))`` and
 ``inverse(y) -> x``.
 """
@@ -37,8 +45,10 @@ from .downsample import AvgDownsample, NNDownsample, Squeeze
 from .errors import NotInvertibleError
 from .fourier import MAX_RELATIVE_ERROR
 
-__all__ = ["ActNorm", "ConvFlow", "DOWNSAMPLERS", "FlowModel", "LogitTransform", "evaluate_bits_per_dim", "flow_loss",
-           "nll_to_bits_per_dim", "standard_normal_log_prob"]
+__all__ = [
+    "ActNorm", "ConvFlow", "DOWNSAMPLERS", "FastSneakyReLU", "FlowModel", "FlowStep", "LogitTransform", "PixelAffine",
+    "check_uint8_images", "evaluate_bits_per_dim", "flow_loss", "nll_to_bits_per_dim", "standard_normal_log_prob",
+]
 
 DOWNSAMPLERS = {"squeeze": Squeeze, "nn": NNDownsample, "avg": AvgDownsample}
 LOG_2PI = math.log(2 * math.pi)
@@ -53,7 +63,9 @@ def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
 
 
 class LogitTransform(nn.Module):
-    r"""Map pixel intensities in :math:`[0, 1]` to the real line: :math:`y = \operatorname{logit}(\alpha + (1 - 2\alpha) x)`.
+    r"""Map pixel intensities in :math:`[0, 1]` to the real line.
+
+    :math:`y = \operatorname{logit}(\alpha + (1 - 2\alpha) x)`.
 
     RealNVP's preprocessing (Dinh et al., 2017) with :math:`\alpha = 0.05`: squeezing into
     :math:`[\alpha, 1 - \alpha]` first keeps the logit finite at 0 and 1. Elementwise, so
@@ -173,6 +185,47 @@ class FastSneakyReLU(SneakyReLU):
         return y, log_derivative.reshape(x.shape[0], -1).sum(1)
 
 
+class PixelAffine(nn.Module):
+    r"""An affine map with its own scale and shift at every position: :math:`y_{chw} = e^{s_{chw}} x_{chw} + b_{chw}`.
+
+    :math:`\log|\det| = \sum_{chw} s_{chw}`. Circular convolutions, SneakyReLU and per-channel
+    affines all commute with (even) circular shifts of the image, so a flow made only of them
+    gives every shifted copy of an image the same density: it cannot learn that the border of a
+    Fashion-MNIST image is black. One per-pixel affine at the input (``2 C H W`` parameters)
+    removes that blind spot while keeping every other layer convolutional. Like :class:`ActNorm` it
+    starts at the identity and has an optional explicit data-dependent start (per-pixel mean and
+    standard deviation of a batch; the standard deviation floored at ``min_std`` so that a pixel
+    that is always 0 does not get an enormous scale on the first step).
+    """
+
+    def __init__(self, shape, min_std: float = 0.05):
+        super().__init__()
+        self.shape, self.min_std = tuple(shape), float(min_std)
+        self.log_scale = nn.Parameter(torch.zeros(self.shape))
+        self.bias = nn.Parameter(torch.zeros(self.shape))
+        self._initialize_next = False
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._initialize_next:
+            self.initialize_from(x)
+        y = x * self.log_scale.exp() + self.bias
+        return y, self.log_scale.sum().to(x.dtype).expand(x.shape[0])
+
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        return (y - self.bias) * torch.exp(-self.log_scale)
+
+    @torch.no_grad()
+    def initialize_from(self, x: torch.Tensor) -> None:
+        """Per-pixel zero mean and unit variance on this batch (standard deviations floored at ``min_std``)."""
+        self._initialize_next = False
+        std = x.std(dim=0, unbiased=False).clamp_min(self.min_std)
+        self.log_scale.copy_(-torch.log(std))
+        self.bias.copy_(-x.mean(dim=0) / std)
+
+    def extra_repr(self) -> str:
+        return f"shape={self.shape}"
+
+
 # ----------------------------------------------------------------------------- shared flow API
 
 
@@ -211,18 +264,22 @@ class FlowModel(nn.Module):
         """Raise unless ``x`` is a finite float batch ``(B, C, H, W)`` of this flow's shape with values in [0, 1]."""
         check_image(x, name)
         if tuple(x.shape[1:]) != tuple(self.shape):
-            raise ValueError(f"{name} has shape {tuple(x.shape)}; this flow takes images of shape (B, {', '.join(map(str, self.shape))})")
+            want = ", ".join(map(str, self.shape))
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; this flow takes images of shape (B, {want})")
         lo, hi = (float(v) for v in x.detach().aminmax())
         margin = self.preprocess.margin  # the logit is defined a little beyond [0, 1]
         if lo <= -margin or hi >= 1 + margin:
-            raise ValueError(f"{name} must hold dequantized pixel values in [0, 1], found values in [{lo:.3g}, {hi:.3g}]; "
+            raise ValueError(f"{name} must hold dequantized pixel values in [0, 1], found values in "
+                             f"[{lo:.3g}, {hi:.3g}]; "
                              "use iconv.data.dequantize(images) on uint8 images, or bits_per_dim(images)")
 
     def check_latent(self, z: torch.Tensor) -> None:
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
-            raise TypeError(f"z must be a floating tensor of shape (B, {self.dim}), got {getattr(z, 'dtype', type(z).__name__)}")
+            got = getattr(z, "dtype", type(z).__name__)
+            raise TypeError(f"z must be a floating tensor of shape (B, {self.dim}), got {got}")
         if z.dim() != 2 or z.shape[1] != self.dim:
-            raise ValueError(f"z must have shape (B, {self.dim}) (all latents of a {self.shape} image), got {tuple(z.shape)}")
+            raise ValueError(f"z must have shape (B, {self.dim}) (all latents of a {self.shape} image), "
+                             f"got {tuple(z.shape)}")
         check_finite(z, "z")
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
@@ -261,7 +318,7 @@ class FlowModel(nn.Module):
         this batch has zero mean and unit variance per channel. Deterministic given ``x``; use the
         same batch on every process. Returns ``self``.
         """
-        actnorms = [m for m in self.modules() if isinstance(m, ActNorm)]
+        actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelAffine))]
         for m in actnorms:
             m._initialize_next = True
         try:
@@ -276,7 +333,10 @@ class FlowModel(nn.Module):
 
 
 def nll_to_bits_per_dim(nll: torch.Tensor, dim: int) -> torch.Tensor:
-    r"""Nats of a density on :math:`[0, 1]^D` -> bits per dimension of 8-bit data: :math:`(\text{nll} + D\ln 256)/(D\ln 2)`."""
+    r"""Nats of a density on :math:`[0, 1]^D` -> bits per dimension of 8-bit data.
+
+    :math:`(\text{nll} + D\ln 256)/(D\ln 2)`, see :class:`FlowModel`.
+    """
     return (nll + dim * math.log(256)) / (dim * math.log(2))
 
 
@@ -323,9 +383,11 @@ class ConvFlow(FlowModel):
 
     ``ConvFlow(shape)`` for ``shape = (C, H, W)`` builds, for images in :math:`[0, 1]`:
 
-    1. :class:`LogitTransform` (``alpha``), then a 2x2 ``downsample`` (``"squeeze"`` by default,
-       or the paper's ``"nn"`` / ``"avg"``): ``(C, H, W) -> (4C, H/2, W/2)``, so that even a
-       one-channel image gives convolutions that mix four channels;
+    1. :class:`LogitTransform` (``alpha``), a :class:`PixelAffine` (``pixel_affine=True``; the
+       one layer that is not translation-equivariant, see its docstring), then a 2x2
+       ``downsample`` (``"squeeze"`` by default, or the paper's ``"nn"`` / ``"avg"``):
+       ``(C, H, W) -> (4C, H/2, W/2)``, so that even a one-channel image gives convolutions that
+       mix four channels;
     2. ``scales`` levels. Each has ``depth`` steps of [ActNorm, InvertibleConv2d(``kernel_size``),
        SneakyReLU(``slope``)]; every level but the last ends with a 2x2 downsample (``4x``
        channels), an invertible 1x1 conv, and factors out half of the channels straight to the
@@ -350,14 +412,15 @@ class ConvFlow(FlowModel):
 
     def __init__(self, shape, *, depth=4, scales: int | None = None, kernel_size: int = 3,
                  downsample: str = "squeeze", slope: float = 0.1, alpha: float = 0.05,
-                 backend: str = "complex", init_scale: float = 0.1):
+                 backend: str = "complex", init_scale: float = 0.1, pixel_affine: bool = True):
         super().__init__()
         c, h, w = _check_shape(shape)
         if downsample not in DOWNSAMPLERS:
             raise ValueError(f"downsample must be one of {tuple(DOWNSAMPLERS)}, got {downsample!r}")
         possible = _halvings(h, w)
         if possible < 1:
-            raise ValueError(f"ConvFlow needs even image height and width (it starts with a 2x2 downsample), got {h}x{w}")
+            raise ValueError(f"ConvFlow needs even image height and width (it starts with a 2x2 downsample), "
+                             f"got {h}x{w}")
         if scales is None:
             scales = min(3, possible)
         if not isinstance(scales, int) or not 1 <= scales <= possible:
@@ -369,8 +432,9 @@ class ConvFlow(FlowModel):
 
         self.shape = (c, h, w)
         self.config = dict(depth=depths, scales=scales, kernel_size=kernel_size, downsample=downsample,
-                           slope=slope, alpha=alpha, backend=backend, init_scale=init_scale)
+                           slope=slope, alpha=alpha, backend=backend, init_scale=init_scale, pixel_affine=pixel_affine)
         self.preprocess = LogitTransform(alpha)
+        self.pixel_affine = PixelAffine((c, h, w)) if pixel_affine else None
         self.first_downsample = DOWNSAMPLERS[downsample]()
         channels, size = 4 * c, (h // 2, w // 2)
         self.levels = nn.ModuleList()
@@ -406,9 +470,15 @@ class ConvFlow(FlowModel):
         return out
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``x`` ``(B, C, H, W)`` in [0, 1] -> ``z`` ``(B, C*H*W)``, ``log|det Df(x)|`` ``(B,)`` (preprocessing included)."""
+        """``x`` ``(B, C, H, W)`` in [0, 1] -> ``z`` ``(B, C*H*W)`` and ``log|det Df(x)|`` ``(B,)``.
+
+        The log-determinant includes the preprocessing (logit), so ``log_prob`` is the density of ``x``.
+        """
         self.check_input(x)
         x, total = self.preprocess(x)
+        if self.pixel_affine is not None:
+            x, lad = self.pixel_affine(x)
+            total = total + lad
         x, lad = self.first_downsample(x)
         total = total + lad
         latents = []
@@ -442,6 +512,8 @@ class ConvFlow(FlowModel):
             for step in reversed(self.levels[i]):
                 x = step.inverse(x)
         x = self.first_downsample.inverse(x)
+        if self.pixel_affine is not None:
+            x = self.pixel_affine.inverse(x)
         return self.preprocess.inverse(x)
 
     @torch.no_grad()
