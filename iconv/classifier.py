@@ -81,7 +81,8 @@ __all__ = [
     "PADDINGS", "ACTIVATIONS", "DOWNSAMPLES", "INVERTIBLE_DOWNSAMPLES", "INPUT_MEAN", "INPUT_STD",
     "Table1Row", "TABLE1", "ConfigurationNotInvertibleError", "ChannelPad", "ZeroPaddedConv2d",
     "ConvBlock", "ConvNet", "prepare_images", "augment_images", "classification_loss",
-    "evaluate_accuracy", "conditioning_report", "spectral_penalty",
+    "evaluate_accuracy", "conditioning_report", "spectral_penalty", "make_loss", "reconstruction_error",
+    "conditioning_summary", "evaluate_classifier",
 ]
 
 PADDINGS = ("zeros", "circular")
@@ -169,7 +170,7 @@ class ChannelPad(nn.Module):
 
 
 class ZeroPaddedConv2d(nn.Module):
-    """A square ``c -> c`` 3x3 (odd ``k``) conv with zero padding: the ordinary conv of rows 1.
+    """A square ``c -> c`` conv (odd ``k``) with zero padding: the ordinary conv of the "zeros" rows.
 
     Initialised like :class:`iconv.InvertibleConv2d` (:func:`iconv.conv.well_conditioned_weight`)
     so that the zero- and circular-padding rows differ in the padding only. Not invertible: the
@@ -196,6 +197,41 @@ def _circular(conv: InvertibleConv2d, x: torch.Tensor) -> torch.Tensor:
     return fourier.conv2d(x, conv.weight, conv.bias)
 
 
+class _SneakyReLUFunction(torch.autograd.Function):
+    r"""SneakyReLU, fast: :math:`\sigma(x) = x (1 + \alpha v) / (1 + \alpha)`, :math:`v = x / (1 + \sqrt{1 + x^2})`,
+    with the derivative :math:`\sigma'(x) = (1 + \alpha x / \sqrt{1 + x^2}) / (1 + \alpha)` saved
+    by the forward.
+
+    :func:`iconv.sneaky_relu` evaluates two cancellation-free branches (accurate over the whole
+    float range); autograd through them records about twenty elementwise ops per call, which
+    dominates a small classifier's training step on a CPU. This form is the library's
+    ``x >= 0`` branch used everywhere: for ``x < 0``, ``1 + alpha v`` falls towards
+    ``1 - alpha = 2s / (1 + s)`` and loses about ``log2((1 + s) / 2s)`` bits (2.5 for s = 0.1),
+    a few ulps, which the tests bound against :func:`iconv.sneaky_relu`. The inverse is the
+    library's :func:`iconv.sneaky_relu_inverse`.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slope):
+        alpha = (1 - slope) / (1 + slope)
+        r = torch.hypot(x, x.new_ones(()))  # sqrt(1 + x^2) without overflow
+        y = x * (1 + alpha * (x / (r + 1))) / (1 + alpha)
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward((1 + alpha * (x / r)) / (1 + alpha))  # sigma'(x) in (s, 1)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative, None
+
+
+def _sneaky(x: torch.Tensor, slope: float) -> torch.Tensor:
+    """SneakyReLU for the classifier's forward (see :class:`_SneakyReLUFunction`)."""
+    return _SneakyReLUFunction.apply(x, slope)
+
+
 def _batchnorm_inverse(bn: nn.BatchNorm2d, y: torch.Tensor, name: str) -> torch.Tensor:
     r"""Invert evaluation-mode BatchNorm: :math:`x = (y - \beta)\sqrt{v + \epsilon}/\gamma + \mu`."""
     std = torch.sqrt(bn.running_var + bn.eps)  # (C,)
@@ -206,7 +242,7 @@ def _batchnorm_inverse(bn: nn.BatchNorm2d, y: torch.Tensor, name: str) -> torch.
     if bool(tiny.any()):
         channel = int(tiny.nonzero()[0])
         raise NotInvertibleError(
-            f"{name}: BatchNorm scale gamma/sqrt(var + eps) is {float(scale[channel]):.3g} in channel {channel}, "
+            f"{name}: BatchNorm scale gamma/sqrt(var + eps) is {float(scale[channel].detach()):.3g} in channel {channel}, "
             "numerically zero relative to the largest: the normalisation is not invertible",
             condition_number=math.inf,
         )
@@ -241,7 +277,7 @@ class ConvBlock(nn.Module):
             x = self.pad(x)
         x = _circular(self.conv, x) if isinstance(self.conv, InvertibleConv2d) else self.conv(x)
         x = self.norm(x)
-        return F.relu(x) if self.activation == "relu" else sneaky_relu(x, self.slope)
+        return F.relu(x) if self.activation == "relu" else _sneaky(x, self.slope)
 
     def inverse(self, y: torch.Tensor, name: str = "block", drop_padding: bool = True) -> torch.Tensor:
         """Undo the block (evaluation-mode BatchNorm, SneakyReLU, circular conv). With
@@ -287,7 +323,7 @@ class ConvNet(nn.Module):
 
     def __init__(self, in_channels: int = 3, num_classes: int = 10, width: int = 64, *,
                  padding: str = "zeros", activation: str = "relu", downsample: str = "maxpool",
-                 init_scale: float = 0.5, slope: float = 0.1):
+                 init_scale: float = 0.1, slope: float = 0.1):
         super().__init__()
         in_channels = _check_positive_int("in_channels", in_channels)
         num_classes = _check_positive_int("num_classes", num_classes)
@@ -635,3 +671,83 @@ def spectral_penalty(model: nn.Module, sizes=None, floor: float = 0.1) -> torch.
     if total is None:
         raise ValueError("the model has no square conv to regularise")
     return total
+
+
+# --------------------------------------------------------------------------- for the trainer
+
+
+def make_loss(augment: bool = False, spectral_weight: float = 0.0, spectral_floor: float = 0.1):
+    """A ``loss_fn(model, images, labels) -> (loss, metrics)`` for :func:`iconv.train.fit`:
+    :func:`classification_loss` (with ``augment``) plus ``spectral_weight *``
+    :func:`spectral_penalty` ``(model, floor=spectral_floor)`` at the batch's image size; the
+    penalty's value is reported as ``metrics["penalty"]`` when it is on."""
+    if not (isinstance(spectral_weight, numbers.Real) and spectral_weight >= 0):
+        raise ValueError(f"spectral_weight must be a number >= 0, got {spectral_weight!r}")
+    if spectral_weight:
+        if not (isinstance(spectral_floor, numbers.Real) and 0 < spectral_floor < 1):
+            raise ValueError(f"spectral_floor must lie strictly between 0 and 1, got {spectral_floor!r}")
+
+    def loss_fn(model, images, labels):
+        loss, metrics = classification_loss(model, images, labels, augment=augment)
+        if spectral_weight:
+            penalty = spectral_penalty(model, None, spectral_floor)
+            loss = loss + spectral_weight * penalty
+            metrics["penalty"] = penalty.item()
+        return loss, metrics
+
+    return loss_fn
+
+
+@torch.no_grad()
+def reconstruction_error(model: ConvNet, images: torch.Tensor, batch_size: int = 256) -> dict:
+    """How well an invertible :class:`ConvNet` recovers its inputs, in the model's dtype.
+
+    Feeds ``prepare_images(images)`` through ``features`` and ``inverse`` in evaluation mode and
+    returns ``{"relative_error": ||x_hat - x|| / ||x|| over all images, "max_relative_error": the
+    worst image's, "max_abs_error_grey_levels": the largest pixel error in 0..255 units,
+    "padding_residual": the largest recovered value of the zero channels}``.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        num = den = 0.0
+        worst = worst_abs = residual = 0.0
+        for start in range(0, len(images), batch_size):
+            x = prepare_images(images[start : start + batch_size], like=model)
+            x_hat, pad = model.inverse(model.features(x), return_padding=True)
+            diff = (x_hat - x).flatten(1).double()
+            ref = x.flatten(1).double()
+            num += float(diff.pow(2).sum())
+            den += float(ref.pow(2).sum())
+            worst = max(worst, float((diff.norm(dim=1) / ref.norm(dim=1).clamp_min(1e-300)).max()))
+            worst_abs = max(worst_abs, float(diff.abs().max()) * INPUT_STD * 255)
+            residual = max(residual, float(pad.abs().max()) if pad.numel() else 0.0)
+    finally:
+        model.train(was_training)
+    return {"relative_error": math.sqrt(num / den), "max_relative_error": worst,
+            "max_abs_error_grey_levels": worst_abs, "padding_residual": residual}
+
+
+@torch.no_grad()
+def conditioning_summary(model: nn.Module, sizes=None) -> dict:
+    """:func:`conditioning_report` flattened for a training history: ``condition/<conv>`` (each
+    conv's worst per-frequency condition number), ``max_condition`` (their maximum) and
+    ``max_layer_condition`` (the largest whole-conv condition number)."""
+    report = conditioning_report(model, sizes)
+    out = {"max_condition": max(entry["condition"] for entry in report),
+           "max_layer_condition": max(entry["layer_condition"] for entry in report)}
+    out.update({f"condition/{entry['name']}": entry["condition"] for entry in report})
+    return out
+
+
+@torch.no_grad()
+def evaluate_classifier(model: ConvNet, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 256,
+                        reconstruct: int = 64) -> dict:
+    """The trainer's ``evaluate``: ``test_accuracy``, :func:`conditioning_summary` at the images'
+    size, and for an invertible configuration the relative reconstruction error of the first
+    ``reconstruct`` images in the model's dtype (``reconstruction_error``)."""
+    out = {"test_accuracy": evaluate_accuracy(model, images, labels, batch_size)}
+    out.update(conditioning_summary(model, tuple(images.shape[-2:])))
+    if isinstance(model, ConvNet) and model.is_invertible and reconstruct:
+        out["reconstruction_error"] = reconstruction_error(model, images[:reconstruct], batch_size)["relative_error"]
+    return out

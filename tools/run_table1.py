@@ -9,7 +9,7 @@ conditioning history of every run and the float32 reconstruction error of the in
 
 Presets (explicit flags override them):
 
-    ci     Fashion-MNIST, width 8,   100 steps of 32  (what the chapter trains at its ci size)
+    ci     Fashion-MNIST, width 8,    60 steps of 32  (what the chapter trains at its ci size)
     cpu    Fashion-MNIST, width 16, 1500 steps of 64  (the larger CPU run, ~40 min on 2 cores)
     gpu    CIFAR-10, width 64, 15 epochs of 128, augmentation  (Colab GPU)
     paper  CIFAR-10, width 64, 100 epochs of 50, SGD lr 0.1, augmentation (the paper's settings)
@@ -28,8 +28,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 PRESETS = {
-    "ci": dict(data="fashion-mnist", width=8, steps=100, epochs=None, batch_size=32, lr=0.05, warmup=0,
-               weight_decay=5e-4, augment=False, eval_every=20, eval_size=2000),
+    "ci": dict(data="fashion-mnist", width=8, steps=60, epochs=None, batch_size=32, lr=0.1, warmup=10,
+               weight_decay=5e-4, augment=False, eval_every=10, eval_size=2000),
     "cpu": dict(data="fashion-mnist", width=16, steps=1500, epochs=None, batch_size=64, lr=0.05, warmup=50,
                 weight_decay=5e-4, augment=False, eval_every=150, eval_size=None),
     "gpu": dict(data="cifar10", width=64, steps=None, epochs=15, batch_size=128, lr=0.1, warmup=200,
@@ -91,6 +91,47 @@ def train_one(job: dict) -> dict:
     return result
 
 
+def save_reconstructions(work: Path, settings: dict, png: str, names=("row6", "row6+penalty"), n: int = 8) -> dict:
+    """Test images and their float32 reconstructions ``inverse(features(x))`` by the trained
+    networks of ``names`` (read from their checkpoints in ``work``), as one PNG; returns the errors."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from iconv import data
+    from iconv.classifier import TABLE1, ConvNet, prepare_images, reconstruction_error
+    from iconv.train import load_checkpoint
+
+    test_x, _ = data.load(settings["data"], "test")
+    images = test_x[:n]
+    rows, errors = [("test images", prepare_images(images))], {}
+    for name in names:
+        row = TABLE1[int(name[3]) - 1]
+        net = ConvNet(test_x.shape[1], 10, settings["width"], **row.switches)
+        load_checkpoint(work / f"{name}.pt", net)
+        net.eval()
+        with torch.no_grad():
+            x_back = net.inverse(net.features(prepare_images(images)))
+        errors[name] = reconstruction_error(net, test_x[:256])["relative_error"]
+        label = f"{name}{'' if 'penalty' in name else ' (no penalty)'}: float32 error {errors[name]:.1e}"
+        rows.append((label, x_back))
+    fig, axes = plt.subplots(len(rows), n, figsize=(n, 1.25 * len(rows)))
+    for r, (title, batch) in enumerate(rows):
+        for c in range(n):
+            img = (batch[c] * 0.25 + 0.5).clamp(0, 1).permute(1, 2, 0).squeeze(-1).numpy()
+            axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1)
+            axes[r, c].axis("off")
+        axes[r, 0].set_title(title, fontsize=8, loc="left")
+    fig.suptitle(f"inverse(features(x)) in float32, {settings['data']}, width {settings['width']}, "
+                 f"{settings['steps']} steps (measured outside CI)", fontsize=9)
+    fig.subplots_adjust(hspace=0.35, wspace=0.05)
+    fig.savefig(png, dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    return errors
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu")
@@ -105,8 +146,10 @@ def main(argv=None) -> int:
     parser.add_argument("--rows", default=None, help="comma-separated run names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", default=None, help="checkpoints (default /tmp/iconv-runs/table1-<preset>)")
-    parser.add_argument("--out", required=True, help="JSON file for the results")
+    parser.add_argument("--out", default=None, help="JSON file for the results (required unless --pictures-only)")
     parser.add_argument("--progress", action="store_true")
+    parser.add_argument("--pictures", default=None, help="PNG of float32 reconstructions by the trained row 6 nets")
+    parser.add_argument("--pictures-only", action="store_true", help="only draw --pictures from the checkpoints")
     args = parser.parse_args(argv)
 
     settings = dict(PRESETS[args.preset])
@@ -119,10 +162,17 @@ def main(argv=None) -> int:
         settings["steps"] = None
     work = Path(args.work or f"/tmp/iconv-runs/table1-{args.preset}")
     work.mkdir(parents=True, exist_ok=True)
+    if args.pictures_only:
+        if not args.pictures:
+            parser.error("--pictures-only needs --pictures PNG")
+        print(save_reconstructions(work, settings, args.pictures))
+        return 0
     wanted = None if args.rows is None else set(args.rows.split(","))
     jobs = [dict(name=name, row=row, penalty=penalty, settings=settings, work=str(work), threads=args.threads,
                  device=args.device, download=args.download, seed=args.seed, progress=args.progress)
             for name, row, penalty in run_names() if wanted is None or name in wanted]
+    if args.out is None:
+        parser.error("--out JSON is required")
     start = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -147,6 +197,8 @@ def main(argv=None) -> int:
         print(f"{r['name']:13s} {r['change']:42s} acc {100 * r['test_accuracy']:.2f}% (paper {r['paper_accuracy']})"
               + (f"  float32 reconstruction {rec:.2e}" if rec is not None else ""))
     print(f"wall {out['wall_seconds']:.0f} s -> {args.out}")
+    if args.pictures:
+        print(save_reconstructions(work, settings, args.pictures))
     return 0
 
 

@@ -1,0 +1,355 @@
+"""iconv.classifier: the Table 1 ConvNet, its inverse, the training helpers and conditioning."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import iconv
+from iconv import classifier
+from iconv.circular import dense_conv_matrix
+from iconv.classifier import (
+    TABLE1, ConfigurationNotInvertibleError, ConvBlock, ConvNet, ZeroPaddedConv2d, classification_loss,
+    conditioning_report, evaluate_accuracy, evaluate_classifier, make_loss, prepare_images, reconstruction_error,
+    spectral_penalty,
+)
+from iconv.train import TrainConfig, fit, load_checkpoint
+from tests.helpers import relerr
+
+INVERTIBLE = [row for row in TABLE1 if row.invertible]
+
+
+def tiny_images(n=32, channels=1, size=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, channels, size, size), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, 10, (n,), generator=g)
+    return images, labels
+
+
+def warmed_up(net, channels, h, w, dtype=torch.float64):
+    """Give BatchNorm running statistics of inputs like ``sample_inputs`` and non-trivial affine
+    parameters, then switch to evaluation mode."""
+    net = net.to(dtype).train()
+    with torch.no_grad():
+        for _ in range(3):
+            net(sample_inputs(32, channels, h, w, dtype))
+        for _, block in net.blocks():
+            block.norm.weight.uniform_(0.8, 1.25)
+            block.norm.bias.normal_(0, 0.3)
+    return net.eval()
+
+
+def sample_inputs(n, channels, h, w, dtype=torch.float64):
+    return torch.randn(n, channels, h, w, dtype=dtype) + 0.3
+
+
+def params(model):
+    return torch.cat([p.detach().flatten() for p in model.state_dict().values() if p.is_floating_point()])
+
+
+# --------------------------------------------------------------------------- Table 1
+
+
+def test_table1_holds_the_papers_rows():
+    assert [row.paper_accuracy for row in TABLE1] == [94.6, 94.6, 93.0, 92.0, 92.5, 92.6]
+    for row in TABLE1[1:]:
+        change = row.paper_accuracy - TABLE1[row.compared_with].paper_accuracy
+        assert row.paper_change == pytest.approx(change, abs=1e-9)
+    assert [row.invertible for row in TABLE1] == [False, False, False, True, True, True]
+    assert {row.downsample for row in INVERTIBLE} == set(classifier.INVERTIBLE_DOWNSAMPLES)
+    # each step changes exactly one switch relative to the row it is compared with
+    for row in TABLE1[1:]:
+        base = TABLE1[row.compared_with].switches
+        assert sum(base[k] != v for k, v in row.switches.items()) == 1, row.change
+
+
+@pytest.mark.parametrize("row", TABLE1, ids=lambda r: r.downsample + "-" + r.padding + "-" + r.activation)
+def test_every_configuration_builds_and_trains_a_few_steps(row):
+    images, labels = tiny_images(48)
+    torch.manual_seed(0)
+    net = ConvNet(1, 10, 4, **row.switches)
+    before = params(net).clone()
+    cfg = TrainConfig(steps=4, batch_size=16, lr=0.05, optimizer="sgd", momentum=0.9, device="cpu")
+    history = fit(net, classification_loss, images, labels, config=cfg, progress=False,
+                  evaluate=lambda m: {"test_accuracy": evaluate_accuracy(m, images, labels)})
+    assert history.steps == 4 and all(math.isfinite(r["loss"]) for r in history.train)
+    assert 0.0 <= history.last_eval["test_accuracy"] <= 1.0
+    assert not torch.equal(params(net), before)
+    assert net(prepare_images(images[:3])).shape == (3, 10)
+
+
+def test_shapes_and_head_channels():
+    x = torch.randn(2, 3, 12, 8)
+    for row in TABLE1:
+        net = ConvNet(3, 7, 6, **row.switches)
+        features = net.features(x)
+        channels = 16 * 6 if row.invertible else 2 * 6
+        assert features.shape == (2, channels, 3, 2) and net.feature_channels == channels
+        assert net.head_channels == 12
+        logits = net(x)
+        torch.testing.assert_close(logits, net.head(features[:, :12].mean((2, 3))))
+        assert net.conv_sizes((12, 8))["stage3.block2"] == (3, 2)
+    # invertible features hold exactly as many numbers as the channel-padded input
+    assert 16 * 6 * 3 * 2 == 6 * 12 * 8
+
+
+def test_effective_parameter_count():
+    k, c_in, classes = 8, 3, 10
+    net = ConvNet(c_in, classes, k)  # base convnet: convs c_in->k, k->k x2, k->2k, 2k->2k x5
+    convs = 9 * (c_in * k + 2 * k * k + k * 2 * k + 5 * 4 * k * k)
+    norms = 2 * (3 * k + 6 * 2 * k)
+    head = 2 * k * classes + classes
+    assert net.effective_parameter_count() == convs + norms + head
+    inv = ConvNet(c_in, classes, k, padding="circular", activation="sneaky", downsample="nn")
+    assert inv.effective_parameter_count() == 9 * (c_in * k + 2 * k * k + 6 * 4 * k * k) + norms + head
+
+
+# --------------------------------------------------------------------------- layers
+
+
+@pytest.mark.parametrize("padding", ["circular", "zeros"])
+def test_channel_padded_square_conv_is_an_ordinary_widening_conv(padding):
+    block = ConvBlock(3, 5, padding, "relu", init_scale=0.5, slope=0.1).double()
+    x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
+    w = block.conv.weight[:, :3]  # (5, 3, 3, 3): the only columns that meet the input
+    if padding == "circular":
+        expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w)
+    else:
+        expected = F.conv2d(x, w, padding=1)
+    block.eval()
+    expected = F.relu(block.norm(expected))
+    torch.testing.assert_close(block(x), expected)
+    assert block.dead_parameters == 5 * 2 * 9
+
+
+def test_fast_sneaky_relu_matches_the_library():
+    from iconv.classifier import _sneaky
+
+    for dtype, ulps in [(torch.float32, 12), (torch.float64, 12)]:
+        x = torch.cat([torch.linspace(-1e4, 1e4, 20001, dtype=dtype), torch.randn(1000, dtype=dtype)])
+        ref = iconv.sneaky_relu(x, 0.1)
+        err = ((_sneaky(x, 0.1) - ref).abs() / ref.abs().clamp_min(1e-30)).max()
+        assert err <= ulps * torch.finfo(dtype).eps
+    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
+    (g,) = torch.autograd.grad(_sneaky(x, 0.3).sum(), x)
+    (g_ref,) = torch.autograd.grad(iconv.sneaky_relu(x, 0.3).sum(), x)
+    torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-15)
+
+
+def test_batchnorm_inverse_and_its_singular_case():
+    from iconv.classifier import _batchnorm_inverse
+
+    net = warmed_up(ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="avg"), 1, 8, 8)
+    bn = net.stages[1][0].norm
+    x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
+    assert relerr(_batchnorm_inverse(bn, bn(x), "bn"), x) < 1e-14
+    with torch.no_grad():
+        bn.weight[2] = 0.0
+    with pytest.raises(iconv.NotInvertibleError, match="channel 2"):
+        _batchnorm_inverse(bn, bn(x), "bn")
+
+
+# --------------------------------------------------------------------------- the inverse
+
+
+@pytest.mark.parametrize("row", INVERTIBLE, ids=lambda r: r.downsample)
+@pytest.mark.parametrize("in_channels", [1, 3])
+def test_invertible_configuration_reconstructs_its_input(row, in_channels):
+    h, w = 8, 12
+    net = warmed_up(ConvNet(in_channels, 10, 4, **row.switches), in_channels, h, w)
+    x = sample_inputs(3, in_channels, h, w)
+    with torch.no_grad():
+        x_hat, padding = net.inverse(net.features(x), return_padding=True)
+    assert x_hat.shape == x.shape and padding.shape == (3, 4 - in_channels, h, w)
+    assert (x_hat - x).abs().max() <= 1e-10
+    assert padding.abs().max() <= 1e-10  # the zero channels come back as zeros
+    # the autograd path (uncached conv factorizations) inverts too
+    assert (net.inverse(net.features(x)) - x).abs().max() <= 1e-10
+
+
+@settings(max_examples=8)
+@given(k=st.sampled_from([2, 4, 6]), h4=st.integers(1, 3), w4=st.integers(1, 3),
+       downsample=st.sampled_from(["squeeze", "nn", "avg"]), seed=st.integers(0, 2**16))
+def test_reconstruction_for_random_shapes(k, h4, w4, downsample, seed):
+    torch.manual_seed(seed)
+    h, w = 4 * h4, 4 * w4
+    net = warmed_up(ConvNet(2, 3, k, padding="circular", activation="sneaky", downsample=downsample), 2, h, w)
+    x = sample_inputs(2, 2, h, w)
+    with torch.no_grad():
+        assert (net.inverse(net.features(x)) - x).abs().max() <= 1e-10
+
+
+def test_inverse_refuses_non_invertible_configurations_and_training_mode():
+    features = torch.randn(1, 8, 2, 2)
+    with pytest.raises(ConfigurationNotInvertibleError, match="padding='zeros'.*activation='relu'.*maxpool"):
+        ConvNet(1, 10, 4).inverse(features)
+    for row in TABLE1[1:3]:
+        with pytest.raises(ConfigurationNotInvertibleError, match="maxpool"):
+            ConvNet(1, 10, 4, **row.switches).eval().inverse(features)
+    with pytest.raises(ConfigurationNotInvertibleError, match="padding='zeros'"):
+        ConvNet(1, 10, 4, padding="zeros", activation="sneaky", downsample="nn").eval().inverse(features)
+    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn")
+    assert isinstance(ConfigurationNotInvertibleError("x"), iconv.NotInvertibleError)
+    with pytest.raises(ConfigurationNotInvertibleError, match=r"net\.eval\(\)"):
+        net.inverse(net.features(torch.randn(2, 1, 8, 8)))
+    with pytest.raises(ValueError, match="features has 8 channels.*expected 64"):
+        net.eval().inverse(torch.randn(1, 8, 2, 2))
+
+
+def test_bad_switches_and_inputs_give_clear_errors():
+    with pytest.raises(ValueError, match="padding must be one of 'zeros', 'circular'; got 'reflect'"):
+        ConvNet(padding="reflect")
+    with pytest.raises(ValueError, match="activation must be one of 'relu', 'sneaky'; got 'tanh'"):
+        ConvNet(activation="tanh")
+    with pytest.raises(ValueError, match="downsample must be one of 'maxpool', 'squeeze', 'nn', 'avg'"):
+        ConvNet(downsample="stride")
+    with pytest.raises(ValueError, match="padding must be one of"):
+        ConvNet(padding=None)
+    with pytest.raises(ValueError, match="width must be even"):
+        ConvNet(width=5)
+    with pytest.raises(ValueError, match="width must be a positive integer"):
+        ConvNet(width=0)
+    with pytest.raises(ValueError, match=r"width \(2\) must be at least in_channels \(3\)"):
+        ConvNet(3, width=2)
+    with pytest.raises(ValueError, match="slope"):
+        ConvNet(slope=1.5)
+    net = ConvNet(1, 10, 4)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 1, 10, 8))
+    with pytest.raises(ValueError, match="has 3 channels.*expected 1"):
+        net(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="give image_size"):
+        ConvNet(1, 10, 4).conv_sizes()
+
+
+# --------------------------------------------------------------------------- training helpers
+
+
+def test_prepare_and_augment_images():
+    images, _ = tiny_images(4, 3)
+    x = prepare_images(images)
+    assert x.dtype == torch.float32 and x.min() >= -2 and x.max() <= 2
+    torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
+    assert prepare_images(images, like=torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    with pytest.raises(TypeError, match="uint8"):
+        prepare_images(images.long())
+    torch.manual_seed(1)
+    flipped = classifier.augment_images(images, flip=True, crop=0)
+    for a, b in zip(flipped, images):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    cropped = classifier.augment_images(images, flip=False, crop=2)
+    assert cropped.shape == images.shape and cropped.dtype == torch.uint8
+    for a, b in zip(cropped, images):  # a shifted copy: some window of the zero-padded image
+        padded = F.pad(b, (2, 2, 2, 2))
+        assert any(torch.equal(a, padded[:, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
+
+
+def test_loss_and_accuracy():
+    images, labels = tiny_images(20)
+    net = ConvNet(1, 10, 4)
+    loss, metrics = classification_loss(net, images, labels)
+    assert loss.dim() == 0 and math.isfinite(loss.item()) and 0 <= metrics["acc"] <= 1
+    net.train()
+    acc = evaluate_accuracy(net, images, labels, batch_size=7)
+    assert net.training  # mode restored
+    net.eval()
+    expected = (net(prepare_images(images)).argmax(1) == labels).float().mean().item()
+    assert acc == pytest.approx(expected)
+    with pytest.raises(ValueError, match="20 images but 3 labels"):
+        evaluate_accuracy(net, images, labels[:3])
+
+
+def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
+    images, labels = tiny_images(64)
+    cfg = TrainConfig(steps=6, batch_size=16, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=5e-4,
+                      checkpoint_every=3, device="cpu")
+    switches = TABLE1[4].switches
+    loss_fn = make_loss(augment=True, spectral_weight=0.1, spectral_floor=0.5)
+
+    torch.manual_seed(0)
+    straight = ConvNet(1, 10, 4, **switches)
+    fit(straight, loss_fn, images, labels, config=cfg, checkpoint_path=tmp_path / "a.pt", progress=False)
+
+    class Crash(Exception):
+        pass
+
+    calls = 0
+
+    def crash_at_step_5(model, x, y):
+        nonlocal calls
+        calls += 1
+        if calls == 5:
+            raise Crash
+        return loss_fn(model, x, y)
+
+    torch.manual_seed(0)
+    interrupted = ConvNet(1, 10, 4, **switches)
+    with pytest.raises(Crash):
+        fit(interrupted, crash_at_step_5, images, labels, config=cfg, checkpoint_path=tmp_path / "b.pt",
+            progress=False)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 3
+    torch.manual_seed(999)
+    resumed = ConvNet(1, 10, 4, **switches)
+    fit(resumed, loss_fn, images, labels, config=cfg, checkpoint_path=tmp_path / "b.pt", resume=True,
+        progress=False)
+    assert torch.equal(params(resumed), params(straight))  # weights and BatchNorm statistics
+
+
+# --------------------------------------------------------------------------- conditioning
+
+
+def test_conditioning_report_matches_the_dense_matrix():
+    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="squeeze", init_scale=0.8).double()
+    report = conditioning_report(net, (8, 4))
+    assert [entry["name"] for entry in report] == [name for name, _ in net.blocks()]
+    for entry, (_, block) in zip(report, net.blocks()):
+        h, w = entry["size"]
+        dense = torch.linalg.svdvals(dense_conv_matrix(block.conv.weight.detach(), h, w))
+        assert entry["layer_condition"] == pytest.approx(float(dense[0] / dense[-1]), rel=1e-10)
+        assert entry["sigma_max"] == pytest.approx(float(dense[0]), rel=1e-10)
+        blocks = iconv.fourier.spectrum(block.conv.weight.detach(), h, w)
+        s = torch.linalg.svdvals(blocks[entry["frequency"]])
+        assert entry["condition"] == pytest.approx(float(s[0] / s[-1]), rel=1e-10)
+        assert entry["condition"] <= entry["layer_condition"] * (1 + 1e-12)
+        assert entry["padding"] == "circular"
+    assert conditioning_report(ConvNet(1, 10, 4), (8, 8))[0]["padding"] == "zeros"
+
+
+def test_spectral_penalty_is_zero_when_well_conditioned_and_repairs_a_bad_conv():
+    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn", init_scale=0.1).double()
+    assert spectral_penalty(net, (8, 8), floor=0.01).item() == 0.0
+    conv = net.stages[0][1].conv
+    with torch.no_grad():  # make one frequency nearly singular: a kernel that sums to ~0 on one direction
+        conv.weight[:, 0] = 0.0
+        conv.weight[0, 0, 1, 1] = 1e-3
+    before = conditioning_report(net, (8, 8))[1]["layer_condition"]
+    assert before > 100
+    penalty = spectral_penalty(net, (8, 8), floor=0.2)
+    assert penalty.item() > 0
+    optimizer = torch.optim.SGD([conv.weight], lr=0.05)
+    for _ in range(30):
+        optimizer.zero_grad()
+        spectral_penalty(net, (8, 8), floor=0.2).backward()
+        optimizer.step()
+    after = conditioning_report(net, (8, 8))[1]["layer_condition"]
+    assert after < before / 5
+    with pytest.raises(ValueError, match="floor must lie strictly between 0 and 1"):
+        spectral_penalty(net, (8, 8), floor=2.0)
+
+
+def test_make_loss_reports_the_penalty_and_evaluate_classifier():
+    images, labels = tiny_images(16)
+    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="avg")
+    loss, metrics = make_loss(spectral_weight=1.0, spectral_floor=0.9)(net, images, labels)
+    plain, _ = classification_loss(net, images, labels)
+    assert metrics["penalty"] > 0 and loss.item() == pytest.approx(plain.item() + metrics["penalty"], rel=1e-5)
+    with pytest.raises(ValueError, match="spectral_floor"):
+        make_loss(spectral_weight=1.0, spectral_floor=0.0)
+    out = evaluate_classifier(net, images, labels, reconstruct=8)
+    assert set(out) >= {"test_accuracy", "max_condition", "max_layer_condition", "reconstruction_error",
+                        "condition/stage3.block3"}
+    assert out["reconstruction_error"] < 1e-5  # float32
+    assert "reconstruction_error" not in evaluate_classifier(ConvNet(1, 10, 4), images, labels)
+    rec = reconstruction_error(net.double(), images[:4])
+    assert rec["relative_error"] < 1e-12 and rec["padding_residual"] < 1e-12
