@@ -272,3 +272,30 @@ def test_bad_input_type_and_shape():
         sneaky_relu([1.0, 2.0])
     with pytest.raises(ValueError, match="batch dimension"):
         SneakyReLU()(torch.tensor(1.0))
+
+
+def test_layer_gradients_are_the_analytic_ones_of_the_accurate_formulas():
+    """SneakyReLU's hand-written backward equals autograd through the formulas, and passes gradcheck."""
+    from iconv.activations import _SneakyReLUWithLogDerivative
+
+    x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3).requires_grad_()
+    for slope in (0.1, 0.4):
+        y, logabsdet = SneakyReLU(slope)(x)
+        ya = sneaky_relu(x, slope)
+        la = sneaky_relu_log_derivative(x, slope).reshape(4, -1).sum(1)
+        assert torch.equal(y, ya) and torch.allclose(logabsdet, la, rtol=1e-14, atol=0)
+        g = torch.autograd.grad((y**2).sum() + logabsdet.sum(), x)[0]
+        ga = torch.autograd.grad((ya**2).sum() + la.sum(), x)[0]
+        torch.testing.assert_close(g, ga, rtol=1e-12, atol=1e-12)
+    v = x[0, 0].detach().clone().requires_grad_()
+    assert torch.autograd.gradcheck(lambda t: _SneakyReLUWithLogDerivative.apply(t, 0.1), (v,))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_layer_gradients_stay_finite_at_huge_inputs(dtype):
+    x = torch.tensor([[-1e30, -1e20, -1e6, 0.0, 1e6, 1e20, 1e30]], dtype=dtype, requires_grad=True)
+    y, logabsdet = SneakyReLU(0.1)(x)
+    (g,) = torch.autograd.grad(y.sum() + logabsdet.sum(), x)
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g[0, 0], torch.tensor(0.1, dtype=dtype), rtol=1e-5, atol=0)
+    torch.testing.assert_close(g[0, -1], torch.tensor(1.0, dtype=dtype), rtol=1e-5, atol=0)
