@@ -13,7 +13,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .checks import check_image
 
 
 def check_weight(weight: torch.Tensor) -> None:

@@ -70,9 +70,8 @@ from torch import nn
 
 from . import fourier
 from ._threads import safe_factorization_threads
-from .activations import sneaky_relu, sneaky_relu_inverse
+from .activations import _SneakyReLUWithLogDerivative, sneaky_relu_inverse
 from .checks import check_image
-from .circular import circular_conv2d
 from .conv import InvertibleConv2d, well_conditioned_weight
 from .downsample import AvgDownsample, NNDownsample, Squeeze
 from .errors import NotInvertibleError
@@ -189,47 +188,9 @@ class ZeroPaddedConv2d(nn.Module):
         return f"{self.channels}, kernel_size={self.kernel_size}, padding='zeros'"
 
 
-def _circular(conv: InvertibleConv2d, x: torch.Tensor) -> torch.Tensor:
-    """``conv``'s map without its log-determinant (a classifier never needs it)."""
-    h, w = x.shape[-2:]
-    if conv.kernel_size // 2 <= min(h, w):
-        return circular_conv2d(x, conv.weight, conv.bias)
-    return fourier.conv2d(x, conv.weight, conv.bias)
-
-
-class _SneakyReLUFunction(torch.autograd.Function):
-    r"""SneakyReLU, fast: :math:`\sigma(x) = x (1 + \alpha v) / (1 + \alpha)`, :math:`v = x / (1 + \sqrt{1 + x^2})`,
-    with the derivative :math:`\sigma'(x) = (1 + \alpha x / \sqrt{1 + x^2}) / (1 + \alpha)` saved
-    by the forward.
-
-    :func:`iconv.sneaky_relu` evaluates two cancellation-free branches (accurate over the whole
-    float range); autograd through them records about twenty elementwise ops per call, which
-    dominates a small classifier's training step on a CPU. This form is the library's
-    ``x >= 0`` branch used everywhere: for ``x < 0``, ``1 + alpha v`` falls towards
-    ``1 - alpha = 2s / (1 + s)`` and loses about ``log2((1 + s) / 2s)`` bits (2.5 for s = 0.1),
-    a few ulps, which the tests bound against :func:`iconv.sneaky_relu`. The inverse is the
-    library's :func:`iconv.sneaky_relu_inverse`.
-    """
-
-    @staticmethod
-    def forward(ctx, x, slope):
-        alpha = (1 - slope) / (1 + slope)
-        r = torch.hypot(x, x.new_ones(()))  # sqrt(1 + x^2) without overflow
-        y = x * (1 + alpha * (x / (r + 1))) / (1 + alpha)
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward((1 + alpha * (x / r)) / (1 + alpha))  # sigma'(x) in (s, 1)
-        return y
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad):
-        (derivative,) = ctx.saved_tensors
-        return grad * derivative, None
-
-
 def _sneaky(x: torch.Tensor, slope: float) -> torch.Tensor:
-    """SneakyReLU for the classifier's forward (see :class:`_SneakyReLUFunction`)."""
-    return _SneakyReLUFunction.apply(x, slope)
+    """SneakyReLU with the core layer's analytic backward (autograd through the accurate formulas is slow)."""
+    return _SneakyReLUWithLogDerivative.apply(x, slope)[0]
 
 
 def _batchnorm_inverse(bn: nn.BatchNorm2d, y: torch.Tensor, name: str) -> torch.Tensor:
@@ -275,7 +236,7 @@ class ConvBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.pad is not None:
             x = self.pad(x)
-        x = _circular(self.conv, x) if isinstance(self.conv, InvertibleConv2d) else self.conv(x)
+        x = self.conv.conv(x) if isinstance(self.conv, InvertibleConv2d) else self.conv(x)
         x = self.norm(x)
         return F.relu(x) if self.activation == "relu" else _sneaky(x, self.slope)
 
@@ -467,7 +428,7 @@ class ConvNet(nn.Module):
                 "inverse needs evaluation mode (call net.eval()): in training mode BatchNorm normalises "
                 "with the batch's own mean and variance, so the features are not a fixed function of one image")
         check_image(features, "features", channels=self.feature_channels)  # (B, 16k, h, w)
-        k, kept = self.width, self.kept_channels
+        k = self.width
         x = features[:, : 2 * k]  # (B, 2k, H/4, W/4)
         z2 = F.pixel_shuffle(features[:, 2 * k : 8 * k], 2)  # (B, 3k/2, H/2, W/2)
         z1 = F.pixel_shuffle(features[:, 8 * k :], 4)  # (B, k/2, H, W)

@@ -9,7 +9,7 @@ from torch import nn
 from . import fourier
 from ._threads import safe_factorization_threads
 from .checks import check_image
-from .circular import check_weight, circular_conv2d
+from .circular import circular_conv2d
 
 
 def well_conditioned_weight(channels: int, kernel_size: int, scale: float = 0.1, generator=None) -> torch.Tensor:
@@ -89,11 +89,13 @@ class InvertibleConv2d(nn.Module):
         check_image(x, "x", channels=self.channels)  # (B, C, H, W)
         h, w = x.shape[-2:]
         self._last_size = (h, w)
-        if self.kernel_size // 2 <= min(h, w):
-            y = circular_conv2d(x, self.weight, self.bias)
-        else:
-            y = fourier.conv2d(x, self.weight, self.bias)
-        return y, self.logabsdet(h, w).to(x.dtype).expand(x.shape[0])
+        return self.conv(x), self.logabsdet(h, w).to(x.dtype).expand(x.shape[0])
+
+    def conv(self, x: torch.Tensor) -> torch.Tensor:
+        """The circular conv alone, without the log-determinant (spatial when it can, else Fourier)."""
+        if self.kernel_size // 2 <= min(x.shape[-2:]):
+            return circular_conv2d(x, self.weight, self.bias)  # (B, C, H, W)
+        return fourier.conv2d(x, self.weight, self.bias)
 
     def inverse(self, y: torch.Tensor, max_condition: float | None = None) -> torch.Tensor:
         check_image(y, "y", channels=self.channels)  # (B, C, H, W)
