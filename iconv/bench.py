@@ -54,10 +54,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from . import fourier, lifting
-from ._threads import safe_factorization_threads
-from .circular import circular_conv2d, dense_conv_matrix
-from .conv import InvertibleConv2d
+from .core import fourier, lifting
+from .core.circular import circular_conv2d, dense_conv_matrix
+from .core.threads import safe_factorization_threads
+from .layers.conv import InvertibleConv2d
 
 # ---------------------------------------------------------------------------------------------
 # The baselines, written plainly.

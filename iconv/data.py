@@ -40,6 +40,8 @@ from typing import Iterator
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 __all__ = [
     "CLASS_NAMES",
@@ -691,3 +693,56 @@ def batches(
 ) -> ImageBatches:
     """Mini-batches of ``images`` / ``labels``: see :class:`ImageBatches` (this just builds one)."""
     return ImageBatches(images, labels, batch_size, shuffle, generator, drop_last)
+
+
+# ----------------------------------------------------------------------------- classifier inputs
+
+#: ``prepare_images`` maps uint8 pixels p to (p / 255 - INPUT_MEAN) / INPUT_STD, about [-2, 2].
+INPUT_MEAN = 0.5
+INPUT_STD = 0.25
+
+
+def prepare_images(images: torch.Tensor, like: torch.Tensor | nn.Module | None = None) -> torch.Tensor:
+    """uint8 images ``(B, C, H, W)`` in 0..255 -> floats ``(p / 255 - 0.5) / 0.25``, about [-2, 2].
+
+    ``like`` (a tensor or a module) gives the dtype and device (default float32, same device).
+    Floating inputs are taken as already in [0, 1] and only normalised.
+    """
+    if not isinstance(images, torch.Tensor) or images.dim() != 4:
+        shape = tuple(images.shape) if isinstance(images, torch.Tensor) else type(images).__name__
+        raise ValueError(f"images must be a (B, C, H, W) tensor, got {shape}")
+    dtype, device = torch.float32, images.device
+    if isinstance(like, nn.Module):
+        p = next(like.parameters(), None)
+        if p is not None:
+            dtype, device = p.dtype, p.device
+    elif isinstance(like, torch.Tensor):
+        dtype, device = like.dtype, like.device
+    if images.dtype == torch.uint8:
+        x = images.to(device=device, dtype=dtype) / 255
+    elif images.is_floating_point():
+        x = images.to(device=device, dtype=dtype)
+    else:
+        raise TypeError(f"images must be uint8 (0..255) or floating (0..1), got {images.dtype}")
+    return (x - INPUT_MEAN) / INPUT_STD
+
+
+def augment_images(images: torch.Tensor, flip: bool = True, crop: int = 4,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
+    """The usual CIFAR-10 augmentation on a batch: random horizontal flips and random crops
+    after zero-padding ``crop`` pixels on each side. Any dtype; shape ``(B, C, H, W)`` kept."""
+    b, _, h, w = images.shape
+    out = images
+    if flip:
+        flips = torch.rand(b, generator=generator) < 0.5
+        out = torch.where(flips.to(images.device).view(b, 1, 1, 1), out.flip(-1), out)
+    if crop:
+        padded = F.pad(out, (crop, crop, crop, crop))  # (B, C, H + 2crop, W + 2crop)
+        dy = torch.randint(0, 2 * crop + 1, (b,), generator=generator).to(images.device)
+        dx = torch.randint(0, 2 * crop + 1, (b,), generator=generator).to(images.device)
+        rows = (dy.view(b, 1) + torch.arange(h, device=images.device)).view(b, 1, h, 1)
+        cols = (dx.view(b, 1) + torch.arange(w, device=images.device)).view(b, 1, 1, w)
+        c = images.shape[1]
+        padded = padded.gather(2, rows.expand(b, c, h, w + 2 * crop))
+        out = padded.gather(3, cols.expand(b, c, h, w))
+    return out

@@ -626,8 +626,8 @@ def build_flow(shape, model: str = "convflow", depth: int = 4, kernel_size: int 
                hidden: int | None = None):
     """The CLI's flow: a :class:`~iconv.ConvFlow`, or a :class:`~iconv.baseline.GlowBaseline` whose
     coupling width (unless given) matches that ConvFlow's parameter count."""
-    from .baseline import GlowBaseline, matching_hidden_width
-    from .flow import ConvFlow
+    from .models.flow import ConvFlow
+    from .models.glow import GlowBaseline, matching_hidden_width
 
     reference = ConvFlow(shape, depth=depth, kernel_size=kernel_size, downsample=downsample)
     if model == "convflow":
@@ -667,7 +667,8 @@ def _write_outputs(out, history: History, metrics: dict, samples=None) -> None:
 
 def _run_flow(args) -> dict:
     from .data import dequantize
-    from .flow import evaluate_bits_per_dim, flow_loss
+    from .evaluation import evaluate_bits_per_dim
+    from .losses import flow_loss
 
     s = _settings(args, FLOW_PRESETS)
     train_x, _, test_x, _ = _load(s, args)
@@ -698,21 +699,23 @@ def _run_flow(args) -> dict:
 
 
 def _run_classify(args) -> dict:
-    from . import classifier
+    from .evaluation import evaluate_accuracy
+    from .losses import classification_loss
+    from .models.classifier import ConvNet
 
     s = _settings(args, CLASSIFY_PRESETS)
     train_x, train_y, test_x, test_y = _load(s, args)
     torch.manual_seed(args.seed)
-    model = classifier.ConvNet(in_channels=train_x.shape[1], num_classes=10, width=s["width"], padding=args.padding,
+    model = ConvNet(in_channels=train_x.shape[1], num_classes=10, width=s["width"], padding=args.padding,
                                activation=args.activation, downsample=args.cls_downsample)
     config = TrainConfig(steps=_steps(s, len(train_x)), batch_size=s["batch_size"], lr=s["lr"], warmup=s["warmup"],
                          optimizer=s["optimizer"], momentum=s["momentum"], weight_decay=s["weight_decay"],
                          schedule=args.schedule, clip=s["clip"] or None, eval_every=args.eval_every,
                          checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
                          time_limit=args.time_limit, clock=args.clock, log_every=10)
-    history = fit(model, classifier.classification_loss, train_x, train_y, config=config,
+    history = fit(model, classification_loss, train_x, train_y, config=config,
                   checkpoint_path=args.checkpoint, resume=args.resume, progress=not args.no_progress,
-                  evaluate=lambda m: {"test_accuracy": classifier.evaluate_accuracy(m, test_x, test_y, 500)})
+                  evaluate=lambda m: {"test_accuracy": evaluate_accuracy(m, test_x, test_y, 500)})
     metrics = {"model": "ConvNet", "parameters": sum(p.numel() for p in model.parameters()), "data": s["data"],
                "size": args.size, "steps": history.steps, "stopped": history.stopped, **(history.last_eval or {})}
     _write_outputs(args.out, history, metrics)

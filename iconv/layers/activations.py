@@ -24,7 +24,8 @@ import numbers
 import torch
 from torch import nn
 
-from .checks import check_finite
+from ..checks import check_finite
+from .base import InvertibleModule, at_boundary
 
 
 def _constants(slope: float) -> tuple[float, float, float]:
@@ -125,8 +126,8 @@ def sneaky_relu_log_derivative(x: torch.Tensor, slope: float = 0.1) -> torch.Ten
     return torch.where(d < 0.5, torch.log(d), torch.log1p(w))
 
 
-class _SneakyReLUWithLogDerivative(torch.autograd.Function):
-    r"""``(sigma(x), log sigma'(x))`` with hand-written gradients (values from the accurate formulas above).
+class SneakyReLUWithLogDerivative(torch.autograd.Function):
+    r"""``(sigma(x), log sigma'(x))`` with hand-written gradients; ``SneakyReLUWithLogDerivative.apply(x, slope)`` (values from the accurate formulas above).
 
     Autograd through the cancellation-free formulas of :func:`iconv.sneaky_relu` records some
     twenty elementwise ops per layer; the analytic derivatives need three. With
@@ -159,7 +160,7 @@ class _SneakyReLUWithLogDerivative(torch.autograd.Function):
         return grad_x + grad_log_derivative * second, None
 
 
-class SneakyReLU(nn.Module):
+class SneakyReLU(InvertibleModule):
     """Elementwise SneakyReLU as an invertible layer (Finzi et al., 2019).
 
     forward(x) -> (sigma(x), logabsdet) with logabsdet = sum over all non-batch entries of
@@ -173,9 +174,17 @@ class SneakyReLU(nn.Module):
         self.slope = float(slope)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        _check_batched(x, "input")
-        y, log_derivative = _SneakyReLUWithLogDerivative.apply(x, self.slope)  # (B, ...) twice
+        if at_boundary():
+            _check_batched(x, "input")
+            _check_tensor(x, "input")
+        y, log_derivative = SneakyReLUWithLogDerivative.apply(x, self.slope)  # (B, ...) twice
         return y, log_derivative.reshape(x.shape[0], -1).sum(1)  # (B,)
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if at_boundary():
+            _check_batched(x, "input")
+            _check_tensor(x, "input")
+        return SneakyReLUWithLogDerivative.apply(x, self.slope)[0]
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_batched(y, "input")

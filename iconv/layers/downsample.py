@@ -21,15 +21,20 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .checks import check_even_spatial, check_image
+from ..checks import check_even_spatial, check_image
+from .base import InvertibleModule, at_boundary
 
 
 def _check_down(x: torch.Tensor) -> None:
+    if not at_boundary():
+        return
     check_image(x)  # 4-d, floating, finite
     check_even_spatial(x)
 
 
 def _check_up(y: torch.Tensor) -> None:
+    if not at_boundary():
+        return
     check_image(y)
     if y.shape[1] % 4:
         raise ValueError(
@@ -54,7 +59,17 @@ def _zeros(x: torch.Tensor) -> torch.Tensor:
     return x.new_zeros(x.shape[0])  # (B,)
 
 
-class Squeeze(nn.Module):
+class Downsample2x2(InvertibleModule):
+    """Common base of the 2x2 invertible downsamplings: ``(C, H, W) -> (4C, H/2, W/2)``."""
+
+    def output_shape(self, shape):
+        c, h, w = shape
+        if h % 2 or w % 2:
+            raise ValueError(f"2x2 invertible downsampling needs even H and W, got {h}x{w}")
+        return 4 * c, h // 2, w // 2
+
+
+class Squeeze(Downsample2x2):
     """The paper's "checkerboard" downsampling: space-to-depth.
 
     y[:, 4c + 2i + j, h, w] = x[:, c, 2h + i, 2w + j], exactly ``F.pixel_unshuffle(x, 2)``.
@@ -70,7 +85,7 @@ class Squeeze(nn.Module):
         return F.pixel_shuffle(y, 2)  # (B, C, 2h, 2w)
 
 
-class NNDownsample(nn.Module):
+class NNDownsample(Downsample2x2):
     """The paper's "iINN": nearest-neighbour subsample plus the three residual sub-grids.
 
     Per 2x2 block: (x00, x01, x10, x11) -> (x00, x01 - x00, x10 - x00, x11 - x00), stored as the
@@ -91,7 +106,7 @@ class NNDownsample(nn.Module):
         return _unblocks(g0, g1 + g0, g2 + g0, g3 + g0)  # (B, C, 2h, 2w)
 
 
-class AvgDownsample(nn.Module):
+class AvgDownsample(Downsample2x2):
     """The paper's "iAvgPool2d": the 2x2 mean plus three residuals.
 
     Per 2x2 block: (x00, x01, x10, x11) -> (m, x01 - m, x10 - m, x11 - m) with

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from ._threads import safe_factorization_threads
+from .threads import safe_factorization_threads
 
 
 def _check_complex_square(C: torch.Tensor, name: str = "C") -> None:

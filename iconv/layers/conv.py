@@ -6,10 +6,11 @@ import math
 import torch
 from torch import nn
 
-from . import fourier
-from ._threads import safe_factorization_threads
-from .checks import check_image
-from .circular import circular_conv2d
+from ..checks import check_image
+from ..core import fourier
+from ..core.circular import circular_conv2d
+from ..core.threads import safe_factorization_threads
+from .base import InvertibleModule, at_boundary
 
 
 def well_conditioned_weight(channels: int, kernel_size: int, scale: float = 0.1, generator=None) -> torch.Tensor:
@@ -32,7 +33,7 @@ def well_conditioned_weight(channels: int, kernel_size: int, scale: float = 0.1,
     return weight.float()
 
 
-class InvertibleConv2d(nn.Module):
+class InvertibleConv2d(InvertibleModule):
     r"""A ``channels -> channels`` circular convolution with exact inverse and log-determinant.
 
     ``forward(x) -> (y, logabsdet)`` with ``logabsdet`` of shape ``(B,)`` (the same for every
@@ -42,22 +43,25 @@ class InvertibleConv2d(nn.Module):
     repeated inverses cost about one forward.
 
     ``backend`` is ``"complex"`` (torch's complex LU) or ``"lifted"`` (the paper's real ``2c x 2c``
-    lift). See :func:`well_conditioned_weight` for the initialisation.
+    lift). ``max_condition`` (default: :func:`iconv.fourier.condition_limit` of the dtype) is the
+    largest per-frequency condition number ``inverse`` accepts before raising
+    :class:`iconv.NotInvertibleError`. See :func:`well_conditioned_weight` for the initialisation.
     """
 
     def __init__(self, channels: int, kernel_size: int = 3, bias: bool = True, backend: str = "complex",
-                 init_scale: float = 0.1):
+                 init_scale: float = 0.1, max_condition: float | None = None):
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
         if channels < 1:
             raise ValueError(f"channels must be positive, got {channels}")
-        fourier._check_backend(backend)
+        fourier.check_backend(backend)
         self.channels, self.kernel_size, self.backend = channels, kernel_size, backend
         self.weight = nn.Parameter(well_conditioned_weight(channels, kernel_size, init_scale))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.max_condition = max_condition
         self._cache: tuple | None = None  # (key, weight snapshot, factorization)
-        self._last_size: tuple[int, int] | None = None
+        self.last_size: tuple[int, int] | None = None
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}, bias={self.bias is not None}, backend={self.backend!r}"
@@ -86,10 +90,17 @@ class InvertibleConv2d(nn.Module):
         return fourier.logabsdet(self.weight, h, w, self.backend)
 
     def forward(self, x: torch.Tensor):
-        check_image(x, "x", channels=self.channels)  # (B, C, H, W)
+        if at_boundary():
+            check_image(x, "x", channels=self.channels)  # (B, C, H, W)
         h, w = x.shape[-2:]
-        self._last_size = (h, w)
+        self.last_size = (h, w)
         return self.conv(x), self.logabsdet(h, w).to(x.dtype).expand(x.shape[0])
+
+    def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if at_boundary():
+            check_image(x, "x", channels=self.channels)
+        self.last_size = tuple(x.shape[-2:])
+        return self.conv(x)
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
         """The circular conv alone, without the log-determinant (spatial when it can, else Fourier)."""
@@ -97,10 +108,20 @@ class InvertibleConv2d(nn.Module):
             return circular_conv2d(x, self.weight, self.bias)  # (B, C, H, W)
         return fourier.conv2d(x, self.weight, self.bias)
 
-    def inverse(self, y: torch.Tensor, max_condition: float | None = None) -> torch.Tensor:
-        check_image(y, "y", channels=self.channels)  # (B, C, H, W)
+    def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        if at_boundary():
+            check_image(y, "y", channels=self.channels)  # (B, C, H, W)
         h, w = y.shape[-2:]
-        return fourier.inverse(y, self.weight, self.bias, self.backend, self.factorization(h, w), max_condition)
+        return fourier.inverse(y, self.weight, self.bias, self.backend, self.factorization(h, w), self.max_condition)
+
+    @torch.no_grad()
+    def condition_numbers(self, h: int | None = None, w: int | None = None) -> torch.Tensor:
+        """Per-frequency condition numbers :func:`iconv.fourier.condition_numbers`: ``(h, w // 2 + 1)``.
+
+        ``h, w`` default to the size of the last input seen.
+        """
+        h, w = self._size(h, w)
+        return fourier.condition_numbers(self.weight.detach(), h, w, self.backend)
 
     @torch.no_grad()
     def singular_values(self, h: int | None = None, w: int | None = None) -> torch.Tensor:
@@ -111,16 +132,12 @@ class InvertibleConv2d(nn.Module):
             return torch.linalg.svdvals(blocks)
 
     def condition_number(self, h: int | None = None, w: int | None = None) -> torch.Tensor:
-        """The largest 2-norm condition number over frequencies, :math:`\\max_f \\sigma_1(A_f)/\\sigma_c(A_f)`.
-
-        ``h, w`` default to the size of the last input seen.
-        """
-        s = self.singular_values(h, w)
-        return (s[..., 0] / s[..., -1]).max()
+        """The worst per-frequency condition number, :math:`\\max_f \\kappa(A_f)` (0-dim); see :meth:`condition_numbers`."""
+        return self.condition_numbers(h, w).max()
 
     def _size(self, h, w):
         if h is None or w is None:
-            if self._last_size is None:
+            if self.last_size is None:
                 raise ValueError("give the image size (h, w): the layer has not seen an input yet")
-            return self._last_size
+            return self.last_size
         return h, w

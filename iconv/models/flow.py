@@ -1,0 +1,371 @@
+r"""The fully convolutional normalizing flow of Finzi et al. (2019), with an exact likelihood.
+
+A normalizing flow is a bijection :math:`f` from images :math:`x` to latents :math:`z = f(x)`
+with a simple density :math:`p_Z` (here a standard normal); the change of variables gives
+
+.. math:: \log p_X(x) = \log p_Z(f(x)) + \log|\det Df(x)| .
+
+For the invertible CNN of the paper the Jacobian factorises over layers,
+
+.. math:: \log|\det Df(x)| = \sum_{i=1}^{L}\Big(\log|\det \mathrm{Conv}_{W_i}|
+          + \sum_{j,h,w}\log\sigma'\big(a^{(i)}_{jhw}\big)\Big) + \dots ,
+
+with each conv term exact from its Fourier blocks (:func:`iconv.fourier.logabsdet`), the
+SneakyReLU term data-dependent, and the dots the preprocessing, per-channel affine and
+downsampling layers below (all exact).
+
+What this module fixes relative to the paper's own code (reproduction notes): no channels are
+padded with Gaussian noise (the likelihood is exact, not a bound; channels come from invertible
+space-to-depth downsampling instead), the logit preprocessing is inverted exactly and its
+log-determinant is counted, the only normalisation is an affine layer with ordinary parameters
+(so the map is the same in train and eval mode), and nothing assumes CUDA.
+
+The affine layers (:class:`ActNorm` per channel, :class:`PixelAffine` per pixel) start at the
+identity; their data-dependent start is an explicit, one-time call, :meth:`FlowModel.initialize`,
+made with the same batch on every process before training, after which they are ordinary
+parameters. That keeps them deterministic in train and eval mode and safe under
+DistributedDataParallel (Glow's implicit first-batch initialisation is a known source of
+multi-GPU bugs). The one per-pixel affine is the only layer that is not translation-equivariant:
+see :class:`PixelAffine` for why it is there (``pixel_affine=False`` removes it).
+
+Every model here is an :class:`iconv.layers.InvertibleModule` built from the two containers
+(:class:`iconv.layers.InvertibleSequential`, :class:`iconv.layers.MultiScale`): no model writes its
+own step class or factor-out loop. Losses and evaluation live in :mod:`iconv.losses`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..checks import check_finite, check_image
+from ..core.fourier import condition_limit
+from ..errors import NotInvertibleError
+from ..layers.activations import SneakyReLU
+from ..layers.affine import ActNorm, LogitTransform, PixelAffine
+from ..layers.base import InvertibleModule, InvertibleSequential, MultiScale, at_boundary, inside
+from ..layers.conv import InvertibleConv2d
+from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
+
+__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "check_shape", "check_uint8_images", "flow_step", "halvings",
+           "nll_to_bits_per_dim", "standard_normal_log_prob"]
+
+DOWNSAMPLERS = {"squeeze": Squeeze, "nn": NNDownsample, "avg": AvgDownsample}
+LOG_2PI = math.log(2 * math.pi)
+
+
+def standard_normal_log_prob(z: torch.Tensor) -> torch.Tensor:
+    """:math:`\\sum_i \\log \\mathcal N(z_i; 0, 1)` over all but the batch dimension: ``(B,)``."""
+    return -0.5 * (z.pow(2) + LOG_2PI).reshape(z.shape[0], -1).sum(1)
+
+
+def nll_to_bits_per_dim(nll: torch.Tensor, dim: int) -> torch.Tensor:
+    r"""Nats of a density on :math:`[0, 1]^D` -> bits per dimension of 8-bit data.
+
+    :math:`(\text{nll} + D\ln 256)/(D\ln 2)`, see :class:`FlowModel`.
+    """
+    return (nll + dim * math.log(256)) / (dim * math.log(2))
+
+
+# ----------------------------------------------------------------------------- shared flow API
+
+
+class FlowModel(InvertibleModule):
+    r"""What every image flow of the book shares: the likelihood, bits/dim and sampling.
+
+    A subclass builds ``self.net``, an :class:`~iconv.layers.InvertibleModule` from images ``x``
+    ``(B, C, H, W)`` in :math:`[0, 1]` (dequantized) to a latent image, and calls
+    :meth:`_finish` with the image shape and its constructor arguments. Then
+    ``forward(x) -> (z, logabsdet)`` with ``z`` the latent flattened to ``(B, C*H*W)``,
+    ``inverse(z) -> x``, and
+
+    * ``log_prob(x)`` :math:`= \log\mathcal N(z; 0, I) + \log|\det Df(x)|`, the exact log density
+      of :math:`x` in the unit cube (``forward`` accepts the logit's slightly larger domain, so
+      that ``forward(inverse(z))`` works for every ``z``; the density lives on :math:`[0, 1]^D`
+      only up to the mass the flow puts outside it);
+    * ``bits_per_dim(images)`` for ``uint8`` images: dequantize :math:`x = (k + u)/256`,
+      :math:`u \sim U[0,1)^D`, and return :math:`(-\log p(x) + D\log 256)/(D \ln 2)`. The
+      :math:`D \log 256` converts the density on :math:`[0,1]^D` to one on :math:`[0,256)^D`,
+      whose integral over a unit bin bounds the probability of the 8-bit image, so this is an
+      unbiased estimate of an upper bound on the discrete model's code length per sub-pixel.
+    """
+
+    shape: tuple[int, int, int]
+    net: InvertibleModule
+
+    def _finish(self, shape, arguments: dict) -> None:
+        """Record the image shape, the latent layout and the constructor arguments (for checkpoints)."""
+        self.shape = tuple(shape)
+        self.latent_shape = self.net.output_shape(self.shape)
+        #: The keyword arguments that rebuild this model: ``type(model)(**model.arguments)``.
+        self.arguments = dict(arguments, shape=list(self.shape))
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``x`` ``(B, C, H, W)`` in [0, 1] -> ``z`` ``(B, C*H*W)`` and ``log|det Df(x)|`` ``(B,)``.
+
+        The log-determinant includes the preprocessing (logit), so ``log_prob`` is the density of ``x``.
+        """
+        if at_boundary():
+            self.check_input(x)
+        with inside():
+            y, logabsdet = self.net(x)
+        return y.reshape(x.shape[0], -1), logabsdet
+
+    def inverse(self, z: torch.Tensor) -> torch.Tensor:
+        """The exact inverse of :meth:`forward`: ``(B, C*H*W)`` -> ``(B, C, H, W)``."""
+        if at_boundary():
+            self.check_latent(z)
+        with inside():
+            return self.net.inverse(z.reshape(z.shape[0], *self.latent_shape))
+
+    def output_shape(self, shape):
+        return (self.dim,)
+
+    @property
+    def dim(self) -> int:
+        c, h, w = self.shape
+        return c * h * w
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
+
+    def _param_device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def check_input(self, x: torch.Tensor, name: str = "x") -> None:
+        """Raise unless ``x`` is a finite float batch ``(B, C, H, W)`` of this flow's shape with values in [0, 1]."""
+        check_image(x, name)
+        if tuple(x.shape[1:]) != tuple(self.shape):
+            want = ", ".join(map(str, self.shape))
+            raise ValueError(f"{name} has shape {tuple(x.shape)}; this flow takes images of shape (B, {want})")
+        lo, hi = (float(v) for v in x.detach().aminmax())
+        margin = self.preprocess.margin  # the logit is defined a little beyond [0, 1]
+        if lo <= -margin or hi >= 1 + margin:
+            raise ValueError(f"{name} must hold dequantized pixel values in [0, 1], found values in "
+                             f"[{lo:.3g}, {hi:.3g}]; "
+                             "use iconv.data.dequantize(images) on uint8 images, or bits_per_dim(images)")
+
+    def check_latent(self, z: torch.Tensor) -> None:
+        if not isinstance(z, torch.Tensor) or not z.is_floating_point():
+            got = getattr(z, "dtype", type(z).__name__)
+            raise TypeError(f"z must be a floating tensor of shape (B, {self.dim}), got {got}")
+        if z.dim() != 2 or z.shape[1] != self.dim:
+            raise ValueError(f"z must have shape (B, {self.dim}) (all latents of a {self.shape} image), "
+                             f"got {tuple(z.shape)}")
+        check_finite(z, "z")
+
+    def log_prob(self, x: torch.Tensor) -> torch.Tensor:
+        """Exact log density of dequantized images ``x`` ``(B, C, H, W)`` in [0, 1]: ``(B,)`` nats."""
+        z, logabsdet = self(x)
+        return standard_normal_log_prob(z) + logabsdet
+
+    def bits_per_dim(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Bits per dimension of ``uint8`` images ``(B, C, H, W)``, one uniform dequantization each: ``(B,)``."""
+        from ..data import dequantize
+
+        check_uint8_images(images, self.shape)
+        x = dequantize(images.to(self._param_device()), generator=generator, dtype=self._param_dtype())
+        return nll_to_bits_per_dim(-self.log_prob(x), self.dim)
+
+    @torch.no_grad()
+    def sample(self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None) -> torch.Tensor:
+        """``n`` images ``(n, C, H, W)`` from :math:`z \\sim \\mathcal N(0, T^2 I)`, mapped back by ``inverse``.
+
+        ``temperature`` :math:`T < 1` trades diversity for typical-looking samples (Glow). The
+        result can leave [0, 1] slightly (the inverse logit covers
+        :math:`(-\\alpha/(1-2\\alpha), 1 + \\alpha/(1-2\\alpha))`); clamp it to display.
+        """
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"n must be a positive int, got {n!r}")
+        if not temperature >= 0:
+            raise ValueError(f"temperature must be >= 0, got {temperature!r}")
+        z = torch.randn(n, self.dim, generator=generator, dtype=self._param_dtype(), device=self._param_device())
+        return self.inverse(z * temperature)
+
+    @torch.no_grad()
+    def initialize(self, x: torch.Tensor) -> "FlowModel":
+        """Data-dependent start of every :class:`ActNorm`, once, from a batch ``x`` (dequantized, [0, 1]).
+
+        Runs one forward pass in which each ActNorm, in order, sets itself so that its output on
+        this batch has zero mean and unit variance per channel. Deterministic given ``x``; use the
+        same batch on every process. Returns ``self``.
+        """
+        actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelAffine))]
+        for m in actnorms:
+            m._initialize_next = True
+        try:
+            self(x)
+        finally:
+            for m in actnorms:
+                m._initialize_next = False
+        return self
+
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+
+def check_uint8_images(images: torch.Tensor, shape=None, name: str = "images") -> None:
+    """Raise unless ``images`` is a ``uint8`` batch ``(B, C, H, W)`` (of ``shape`` if given)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a uint8 torch.Tensor (B, C, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8 pixel values 0..255 (got dtype {images.dtype}); "
+                        "for float images in [0, 1] use log_prob(x) instead")
+    if images.dim() != 4 or (shape is not None and tuple(images.shape[1:]) != tuple(shape)):
+        want = "(B, C, H, W)" if shape is None else f"(B, {', '.join(map(str, shape))})"
+        raise ValueError(f"{name} has shape {tuple(images.shape)}, expected {want}")
+
+
+
+# ----------------------------------------------------------------------------- ConvFlow
+
+
+class ConvFlow(FlowModel):
+    r"""A multi-scale, fully convolutional normalizing flow with an exact likelihood.
+
+    ``ConvFlow(shape)`` for ``shape = (C, H, W)`` builds, for images in :math:`[0, 1]`:
+
+    1. :class:`LogitTransform` (``alpha``), a :class:`PixelAffine` (``pixel_affine=True``; the
+       one layer that is not translation-equivariant, see its docstring), then a 2x2
+       ``downsample`` (``"squeeze"`` by default, or the paper's ``"nn"`` / ``"avg"``):
+       ``(C, H, W) -> (4C, H/2, W/2)``, so that even a one-channel image gives convolutions that
+       mix four channels;
+    2. ``scales`` levels. Each has ``depth`` steps of [ActNorm, InvertibleConv2d(``kernel_size``),
+       SneakyReLU(``slope``)]; every level but the last ends with a 2x2 downsample (``4x``
+       channels), an invertible 1x1 conv, and factors out half of the channels straight to the
+       latent (the multi-scale architecture of RealNVP; the paper's flow does the same);
+    3. a final ActNorm and invertible conv (no activation), so the last latent is an affine
+       image of the features.
+
+    Built as ``InvertibleSequential(logit, pixel affine, downsample, MultiScale(levels))``; the
+    latent is :class:`~iconv.layers.MultiScale`'s packed image, flattened.
+
+    Everything is a bijection of :math:`\mathbb R^{CHW}` with an exact log-determinant: no noise
+    channels. ``forward(x) -> (z, logabsdet)`` returns all latents as one ``(B, C*H*W)`` tensor
+    (the last level's output, then the factored-out parts, latest first, each brought to the last
+    level's size by space-to-depth), ``inverse(z)`` undoes it.
+
+    ``scales=None`` uses as many levels (up to 3) as the image size allows: every downsample
+    needs even height and width (Fashion-MNIST 28x28 -> 14x14 -> 7x7 gives 2 levels,
+    CIFAR-10 32x32 gives 3). ``depth`` may be an int or one int per level.
+
+    Width. A bijection cannot change the number of dimensions, so the channel count of each
+    level is fixed by the image: ``4C`` at the first level, then ``8C``, ``16C``... (after
+    factoring out half). The knobs for capacity are ``depth`` and ``kernel_size``. (The paper
+    padded its input with 93 Gaussian noise channels to reach 96; that adds width, but the
+    likelihood it then reports is only a lower bound.)
+    """
+
+    def __init__(self, shape, *, depth=4, scales: int | None = None, kernel_size: int = 3,
+                 downsample: str = "squeeze", slope: float = 0.1, alpha: float = 0.05,
+                 backend: str = "complex", init_scale: float = 0.1, pixel_affine: bool = True):
+        super().__init__()
+        c, h, w = check_shape(shape)
+        if downsample not in DOWNSAMPLERS:
+            raise ValueError(f"downsample must be one of {tuple(DOWNSAMPLERS)}, got {downsample!r}")
+        possible = halvings(h, w)
+        if possible < 1:
+            raise ValueError(f"ConvFlow needs even image height and width (it starts with a 2x2 downsample), "
+                             f"got {h}x{w}")
+        if scales is None:
+            scales = min(3, possible)
+        if isinstance(scales, bool) or not isinstance(scales, int) or not 1 <= scales <= possible:
+            raise ValueError(f"scales must be an int in 1..{possible} for {h}x{w} images "
+                             f"(each level but the last halves the size), got {scales!r}")
+        depths = [depth] * scales if isinstance(depth, int) else list(depth)
+        if len(depths) != scales or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+            raise ValueError(f"depth must be a non-negative int or {scales} of them, got {depth!r}")
+
+        def step(channels, k=kernel_size, activation=True):
+            return flow_step(channels, k, slope=slope, backend=backend, init_scale=init_scale, activation=activation)
+
+        channels = 4 * c
+        levels, factor_out = [], []
+        for i, d in enumerate(depths):
+            layers = [step(channels) for _ in range(d)]
+            if i < scales - 1:  # downsample, mix the 4x channels with a 1x1 conv, set half of them aside
+                layers += [DOWNSAMPLERS[downsample](), step(4 * channels, 1, activation=False)]
+                factor_out.append(2 * channels)
+                channels *= 2
+            else:  # the last latent is an affine image of the features
+                layers.append(step(channels, activation=False))
+            levels.append(InvertibleSequential(*layers))
+        self.net = InvertibleSequential(
+            LogitTransform(alpha),
+            *([PixelAffine((c, h, w))] if pixel_affine else []),
+            DOWNSAMPLERS[downsample](),
+            MultiScale(levels, factor_out, in_channels=4 * c),
+        )
+        self._finish((c, h, w), dict(depth=depths, scales=scales, kernel_size=kernel_size, downsample=downsample,
+                                     slope=slope, alpha=alpha, backend=backend, init_scale=init_scale,
+                                     pixel_affine=pixel_affine))
+
+    @property
+    def preprocess(self) -> LogitTransform:
+        return self.net[0]
+
+    def convs(self) -> list[tuple[InvertibleConv2d, tuple[int, int]]]:
+        """Every invertible conv with the image size ``(h, w)`` it acts on."""
+        out = []
+        c, h, w = self.shape
+        size = (h // 2, w // 2)
+        for level in self.net[-1].levels:
+            for layer in level:
+                if isinstance(layer, (Squeeze, NNDownsample, AvgDownsample)):
+                    size = (size[0] // 2, size[1] // 2)
+                else:
+                    out += [(m, size) for m in layer if isinstance(m, InvertibleConv2d)]
+        return out
+
+    @torch.no_grad()
+    def condition_numbers(self) -> list[float]:
+        """The worst per-frequency condition number (:func:`iconv.fourier.condition_numbers`) of every conv."""
+        return [float(conv.condition_number(*size)) for conv, size in self.convs()]
+
+    def check_invertible(self, max_condition: float | None = None) -> None:
+        """Raise :class:`NotInvertibleError` if a conv is too ill-conditioned to invert in its dtype.
+
+        The default limit is the one :func:`iconv.fourier.inverse` uses
+        (:func:`iconv.fourier.condition_limit`, about 8e4 in float32). The trainer calls this before
+        every checkpoint, so a run stops before saving a flow it cannot sample from.
+        """
+        for index, (conv, size) in enumerate(self.convs()):
+            limit = max_condition or condition_limit(conv.weight.dtype)
+            cond = float(conv.condition_number(*size))
+            if not math.isfinite(cond) or cond > limit:
+                raise NotInvertibleError(
+                    f"conv {index} of the flow ({conv.channels} channels, {size[0]}x{size[1]}) has condition "
+                    f"number {cond:.3g}, above {limit:.3g}", condition_number=cond)
+
+
+def flow_step(channels: int, kernel_size: int = 3, *, slope: float = 0.1, backend: str = "complex",
+              init_scale: float = 0.1, activation: bool = True) -> InvertibleSequential:
+    """One step of :class:`ConvFlow`: ActNorm, an invertible ``k x k`` circular conv, SneakyReLU (optional)."""
+    layers = [ActNorm(channels), InvertibleConv2d(channels, kernel_size, True, backend, init_scale)]
+    return InvertibleSequential(*layers, *([SneakyReLU(slope)] if activation else []))
+
+
+def check_shape(shape) -> tuple[int, int, int]:
+    """``shape`` as three positive ints ``(C, H, W)``, or a clear error."""
+    try:
+        c, h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (C, H, W), got {shape!r}") from None
+    if min(c, h, w) < 1 or tuple(shape) != (c, h, w):
+        raise ValueError(f"shape must be three positive ints (C, H, W), got {shape!r}")
+    return c, h, w
+
+
+def halvings(h: int, w: int) -> int:
+    """How many times a 2x2 downsample can halve an ``h x w`` image."""
+    n = 0
+    while h % 2 == 0 and w % 2 == 0:
+        h, w, n = h // 2, w // 2, n + 1
+    return n
+
+
