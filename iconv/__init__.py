@@ -19,6 +19,7 @@ from .layers import (ActNorm, AvgDownsample, InvertibleConv2d, InvertibleModule,
                      NNDownsample, SneakyReLU, Squeeze)
 from .layers.activations import sneaky_relu, sneaky_relu_inverse, sneaky_relu_log_derivative
 from .models import ConvFlow, ConvNet, GlowBaseline
+from .train.checkpoint import load  # iconv.load(path): the ready model of any checkpoint
 
 # The core modules keep their historical import paths: ``import iconv.fourier`` works.
 _sys.modules[__name__ + ".fourier"] = fourier
@@ -30,5 +31,5 @@ __all__ = [
     "data", "core", "layers", "models", "fourier", "lifting", "circular", "circular_conv2d", "dense_conv_matrix",
     "InvertibleModule", "InvertibleSequential", "MultiScale", "InvertibleConv2d", "SneakyReLU", "ActNorm",
     "sneaky_relu", "sneaky_relu_inverse", "sneaky_relu_log_derivative", "Squeeze", "NNDownsample",
-    "AvgDownsample", "NotInvertibleError", "ConvFlow", "GlowBaseline", "ConvNet",
+    "AvgDownsample", "NotInvertibleError", "ConvFlow", "GlowBaseline", "ConvNet", "load",
 ]

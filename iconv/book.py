@@ -15,6 +15,8 @@ versions; it warns when torch lies outside the range the package is tested on. T
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import platform
 import urllib.request
@@ -24,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["Book", "REPO_URL", "SIZES", "results_file", "setup"]
+__all__ = ["Book", "REPO_URL", "SIZES", "glue", "glue_output", "results_file", "setup"]
 
 #: Must equal ``repository: url:`` in ``_config.yml`` (tests/test_book_config.py checks it).
 REPO_URL = "https://github.com/iconv-book/invertible-convnets"
@@ -90,3 +92,49 @@ def results_file(*parts: str) -> Path:
         local.parent.mkdir(parents=True, exist_ok=True)
         urllib.request.urlretrieve(f"{raw}/main/book/results/{relative.as_posix()}", local)
     return local
+
+
+def glue(name: str, value, display: bool = False) -> None:
+    """Store ``value`` under ``name`` for the page's prose (myst-nb's ``{glue:text}`name:.2f```).
+
+    Tensor and numpy scalars are stored as Python numbers (so format specs apply). Outside a book
+    build, e.g. in Colab without myst-nb, it only displays ``value`` when ``display`` is true.
+    """
+    if getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        value = value.item()
+    try:
+        from myst_nb import glue as myst_glue
+    except ImportError:
+        if display:
+            from IPython.display import display as show
+            show(value)
+        return
+    myst_glue(name, value, display=display)
+
+
+class _Printed(str):
+    """Text that displays as itself (no quotes): what :func:`glue_output` glues."""
+
+    def __repr__(self) -> str:
+        return str(self)
+
+
+@contextlib.contextmanager
+def glue_output(name: str):
+    """Capture what the enclosed code prints and glue it (myst-nb) as ``name`` instead of printing it.
+
+    For exercise solutions: the page shows the text inside the solution's dropdown with
+    ```` ```{glue} name ``` ````, not under the exercise. Outside a book build it prints as usual.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buffer):
+            yield
+    finally:
+        text = buffer.getvalue().rstrip("\n")
+        try:
+            from myst_nb import glue
+        except ImportError:  # e.g. Colab without myst-nb: just print
+            print(text)
+        else:
+            glue(name, _Printed(text), display=False)

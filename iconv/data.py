@@ -695,6 +695,32 @@ def batches(
     return ImageBatches(images, labels, batch_size, shuffle, generator, drop_last)
 
 
+# ----------------------------------------------------------------------------- checks of image arguments
+
+
+def check_image_shape(shape) -> tuple[int, int, int]:
+    """``shape`` as three positive ints ``(C, H, W)``, or a clear error naming what was given."""
+    try:
+        c, h, w = (int(s) for s in shape)
+    except (TypeError, ValueError):
+        raise ValueError(f"shape must be (C, H, W), got {shape!r}") from None
+    if min(c, h, w) < 1 or tuple(shape) != (c, h, w):
+        raise ValueError(f"shape must be three positive ints (C, H, W), got {shape!r}")
+    return c, h, w
+
+
+def check_uint8_images(images: torch.Tensor, shape=None, name: str = "images") -> None:
+    """Raise unless ``images`` is a ``uint8`` batch ``(B, C, H, W)`` (of ``shape`` ``(C, H, W)`` if given)."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{name} must be a uint8 torch.Tensor (B, C, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8:
+        raise TypeError(f"{name} must be uint8 pixel values 0..255 (got dtype {images.dtype}); "
+                        "for float images in [0, 1] use log_prob(x) instead")
+    if images.dim() != 4 or (shape is not None and tuple(images.shape[1:]) != tuple(shape)):
+        want = "(B, C, H, W)" if shape is None else f"(B, {', '.join(map(str, shape))})"
+        raise ValueError(f"{name} has shape {tuple(images.shape)}, expected {want}")
+
+
 # ----------------------------------------------------------------------------- classifier inputs
 
 #: ``prepare_images`` maps uint8 pixels p to (p / 255 - INPUT_MEAN) / INPUT_STD, about [-2, 2].

@@ -10,10 +10,10 @@ from torch import nn
 
 from .core import fourier
 from .core.threads import safe_factorization_threads
-from .data import INPUT_STD, prepare_images
+from .data import INPUT_STD, check_uint8_images, prepare_images
 from .layers.conv import InvertibleConv2d
 from .models.classifier import ConvNet, ZeroPaddedConv2d
-from .models.flow import FlowModel, check_uint8_images
+from .models.flow import FlowModel
 
 __all__ = ["conditioning_report", "conditioning_summary", "conv_sizes", "evaluate_accuracy", "evaluate_bits_per_dim",
            "evaluate_classifier", "reconstruction_error", "singular_values", "square_convs"]

@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .core import fourier
-from .core.threads import safe_factorization_threads
 from .data import augment_images, prepare_images
 from .evaluation import conv_sizes, singular_values, square_convs
+from .models.flow import FlowModel
 
 __all__ = ["classification_loss", "flow_loss", "make_loss", "spectral_penalty"]
 
@@ -31,7 +31,6 @@ def flow_loss(model: FlowModel, images: torch.Tensor, labels=None) -> tuple[torc
     """
     bpd = model.bits_per_dim(images).mean()
     return bpd, {"bits/dim": bpd.detach()}
-
 
 
 def classification_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -55,7 +54,7 @@ def spectral_penalty(model: nn.Module, sizes=None, floor: float = 0.1) -> torch.
     r"""A differentiable penalty that keeps every conv's smallest singular values away from zero.
 
     For each square conv with Fourier blocks :math:`A_f` at the size it sees (``sizes`` as in
-    :func:`conditioning_report`), let :math:`r_{f,i} = \sigma_i(A_f) / \max_{f,j} \sigma_j(A_f)`,
+    :func:`iconv.evaluation.conditioning_report`), let :math:`r_{f,i} = \sigma_i(A_f) / \max_{f,j} \sigma_j(A_f)`,
     the singular values relative to the conv's operator norm. The penalty is
 
     .. math::
@@ -85,8 +84,6 @@ def spectral_penalty(model: nn.Module, sizes=None, floor: float = 0.1) -> torch.
     if total is None:
         raise ValueError("the model has no square conv to regularise")
     return total
-
-
 
 
 def make_loss(augment: bool = False, spectral_weight: float = 0.0, spectral_floor: float = 0.1):

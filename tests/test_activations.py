@@ -17,7 +17,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iconv.activations import SneakyReLU, sneaky_relu, sneaky_relu_inverse, sneaky_relu_log_derivative
+from iconv.layers.activations import (SneakyReLU, SneakyReLUWithLogDerivative, sneaky_relu, sneaky_relu_derivative,
+                                     sneaky_relu_inverse, sneaky_relu_log_derivative)
 
 DTYPES = [torch.float64, torch.float32]
 SETTINGS = settings(max_examples=60, deadline=None)
@@ -180,11 +181,124 @@ def test_logabsdet_matches_dense_jacobian():
     assert bool(torch.isfinite(g).all())
 
 
-def test_gradcheck_including_branch_points():
-    x = torch.cat([torch.linspace(-4, 4, 9, dtype=torch.float64), torch.tensor([1e-3, -1e-3], dtype=torch.float64)])
-    x = x.requires_grad_()
-    for f in (sneaky_relu, sneaky_relu_inverse, sneaky_relu_log_derivative):
-        assert torch.autograd.gradcheck(f, (x,))
+def branch_points(s):
+    """x = 0 (sigma and log sigma' switch formulas) and y = -(1 - s)/2, i.e. z = 0 (the inverse switches)."""
+    return 0.0, -(1 - s) / 2
+
+
+@pytest.mark.parametrize("s", [0.1, 0.01, 0.7])
+def test_gradcheck_and_gradgradcheck_including_branch_points(s):
+    x0, y0 = branch_points(s)
+    pts = [x0, -0.0, y0, -2 * (1 - s) / 2, 1e-3, -1e-3, 1e-9, -1e-9] + torch.linspace(-4, 4, 9).tolist()
+    x = torch.tensor(pts, dtype=torch.float64, requires_grad=True)
+    for f in (sneaky_relu, sneaky_relu_inverse, sneaky_relu_log_derivative, sneaky_relu_derivative):
+        assert torch.autograd.gradcheck(lambda t: f(t, s), (x,)), f.__name__
+        assert torch.autograd.gradgradcheck(lambda t: f(t, s), (x,)), f.__name__
+    v = x.detach()[None].clone().requires_grad_()  # the layer: (sigma, log sigma') and the summed logabsdet
+    assert torch.autograd.gradcheck(lambda t: SneakyReLUWithLogDerivative.apply(t, s), (v,))
+    assert torch.autograd.gradgradcheck(lambda t: SneakyReLUWithLogDerivative.apply(t, s), (v,))
+    assert torch.autograd.gradgradcheck(lambda t: SneakyReLU(s)(t)[1], (v,))
+
+
+def mp_derivatives(x, s):
+    """sigma', sigma'' and (log sigma')' = sigma''/sigma' from their closed forms, in mpmath."""
+    a = (1 - s) / (1 + s)
+    r = mpmath.sqrt(1 + x * x)
+    d1 = (1 + a * x / r) / (1 + a)
+    d2 = a / (1 + a) / r**3
+    return d1, d2, d2 / d1
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("s", [0.1, 0.01, 0.9])
+def test_first_and_second_derivatives_exactly_at_the_branch_points(dtype, s):
+    """Autograd's first and second derivatives at x = 0, x = -0 and y = -(1 - s)/2 against mpmath.
+
+    These are the points where the formulas switch branches; the derivatives must not depend on how
+    a torch release differentiates clamp/abs/where at their edges (torch 2.14 returns 0 here for
+    autograd through clamp-split formulas).
+    """
+    with mpmath.workdps(50):
+        sm = mpmath.mpf(s)
+        tol = 8 * ulps(dtype)
+        x0, y0 = branch_points(s)
+        d1, d2, dl = mp_derivatives(mpmath.mpf(0), sm)
+        # log sigma'' at 0 = (h q^3 / sigma')' = -(sigma'')^2 / sigma'^2 there (q'(0) = 0)
+        dl2 = -dl * dl
+        alpha = (1 - sm) / (1 + sm)
+        xb = -alpha / mpmath.sqrt(1 - alpha**2)  # sigma(xb) = y0: z = xb + alpha sqrt(1 + xb^2) = 0
+        b1, b2, _ = mp_derivatives(xb, sm)  # the inverse at y0 has x = xb, dx/dy = 1/sigma', d2x/dy2 = -sigma''/sigma'^3
+        cases = [(sneaky_relu, x0, d1, d2), (sneaky_relu, -0.0, d1, d2),
+                 (sneaky_relu_log_derivative, x0, dl, dl2), (sneaky_relu_log_derivative, -0.0, dl, dl2),
+                 (sneaky_relu_inverse, y0, 1 / b1, -b2 / b1**3)]
+        for f, p, first, second in cases:
+            x = torch.tensor([p], dtype=dtype, requires_grad=True)
+            (g,) = torch.autograd.grad(f(x, s).sum(), x, create_graph=True)
+            (gg,) = torch.autograd.grad(g.sum(), x)
+            for name, got, want in (("first", g, first), ("second", gg, second)):
+                assert rel_err(mpmath.mpf(got.item()), want, 0) <= (tol if name == "first" else 64 * tol), (
+                    f"{f.__name__} {name} derivative at {p}: {got.item()!r}, exact {mpmath.nstr(want, 17)}")
+        # the layer, both outputs, at x = 0 and -0
+        x = torch.tensor([[0.0, -0.0]], dtype=dtype, requires_grad=True)
+        y, logabsdet = SneakyReLU(s)(x)
+        (g,) = torch.autograd.grad(y.sum() + 2 * logabsdet.sum(), x)
+        want = float(d1 + 2 * dl)
+        assert all(abs(v - want) <= tol * abs(want) for v in g[0].tolist()), (g, want)
+
+
+@pytest.mark.parametrize("s", [0.1, 0.01, 0.9])
+def test_derivatives_against_mpmath(s):
+    """sigma', (log sigma')' and (sigma^-1)' from autograd, at REF_POINTS, within a few ulps (float64)."""
+    with mpmath.workdps(200):
+        sm = mpmath.mpf(s)
+        x = torch.tensor(REF_POINTS, dtype=torch.float64, requires_grad=True)
+        (g_sigma,) = torch.autograd.grad(sneaky_relu(x, s).sum(), x)
+        (g_log,) = torch.autograd.grad(sneaky_relu_log_derivative(x, s).sum(), x)
+        (g_inv,) = torch.autograd.grad(sneaky_relu_inverse(x, s).sum(), x)
+        tiny = torch.finfo(torch.float64).tiny
+        for i, xi in enumerate(REF_POINTS):
+            d1, _, dl = mp_derivatives(mpmath.mpf(xi), sm)
+            back = mp_inverse(mpmath.mpf(xi), sm)
+            inv = 1 / mp_derivatives(back, sm)[0]
+            for name, got, want in (("sigma'", g_sigma, d1), ("(log sigma')'", g_log, dl), ("inverse'", g_inv, inv)):
+                assert rel_err(mpmath.mpf(got[i].item()), want, tiny) <= 8 * ulps(torch.float64), (
+                    f"{name} at x = {xi}: {got[i].item()!r} vs {mpmath.nstr(want, 17)}")
+
+
+def test_inverse_of_the_largest_floats_is_finite_or_overflows_honestly():
+    """sigma^{-1}(3e38) ~ 3e38 in float32 (was NaN: (1 + alpha) y overflowed); below -s * max the true
+    inverse is not representable and is -inf, never NaN."""
+    for dtype, big in ((torch.float32, 3e38), (torch.float64, 1.7e308)):
+        top = torch.finfo(dtype).max
+        y = torch.tensor([big, top, -big / 2 * 0.1, -top], dtype=dtype)
+        x = sneaky_relu_inverse(y, 0.1)
+        assert not bool(torch.isnan(x).any())
+        assert bool(torch.isfinite(x[:3]).all()) and x[3].item() == -math.inf
+        assert_rel_close(sneaky_relu(x[:3], 0.1), y[:3], 5 * ulps(dtype), dtype)
+
+
+def test_zero_sized_batch():
+    layer = SneakyReLU()
+    for shape in ((0, 3, 4, 4), (0,)):
+        x = torch.zeros(shape, requires_grad=True)
+        y, logabsdet = layer(x)
+        assert y.shape == shape and logabsdet.shape == (0,)
+        assert layer.inverse(y).shape == shape and sneaky_relu_log_derivative(x).shape == shape
+        (y.sum() + logabsdet.sum()).backward()
+        assert x.grad.shape == shape
+
+
+def test_layer_transform_and_one_dimensional_input():
+    layer = SneakyReLU(0.2)
+    x = torch.randn(5, dtype=torch.float64) * 4
+    y, logabsdet = layer(x)  # (B,) input: each entry its own sample
+    assert torch.equal(y, layer.transform(x)) and torch.equal(logabsdet, sneaky_relu_log_derivative(x, 0.2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_is_refused_clearly(dtype):
+    with pytest.raises(TypeError, match="float32 or float64"):
+        sneaky_relu(torch.zeros(3, dtype=dtype))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -275,11 +389,9 @@ def test_bad_input_type_and_shape():
 
 
 def test_layer_gradients_are_the_analytic_ones_of_the_accurate_formulas():
-    """SneakyReLU's hand-written backward equals autograd through the formulas, and passes gradcheck."""
-    from iconv.activations import _SneakyReLUWithLogDerivative
-
+    """The fused layer's hand-written backward equals autograd through the functional forms, and passes gradcheck."""
     x = (torch.randn(4, 3, 5, 5, dtype=torch.float64) * 3).requires_grad_()
-    for slope in (0.1, 0.4):
+    for slope in (0.1, 0.4, 0.7):
         y, logabsdet = SneakyReLU(slope)(x)
         ya = sneaky_relu(x, slope)
         la = sneaky_relu_log_derivative(x, slope).reshape(4, -1).sum(1)
@@ -288,7 +400,7 @@ def test_layer_gradients_are_the_analytic_ones_of_the_accurate_formulas():
         ga = torch.autograd.grad((ya**2).sum() + la.sum(), x)[0]
         torch.testing.assert_close(g, ga, rtol=1e-12, atol=1e-12)
     v = x[0, 0].detach().clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda t: _SneakyReLUWithLogDerivative.apply(t, 0.1), (v,))
+    assert torch.autograd.gradcheck(lambda t: SneakyReLUWithLogDerivative.apply(t, 0.1), (v,))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from iconv.circular import check_weight, circular_conv2d, dense_conv_matrix
+from iconv.core.circular import check_weight, circular_conv2d, dense_conv_matrix
 
 
 def loop_conv(x, weight):

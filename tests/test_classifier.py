@@ -1,19 +1,26 @@
-"""iconv.classifier: the Table 1 ConvNet, its inverse, the training helpers and conditioning."""
+"""iconv.models.classifier: the Table 1 ConvNet, its factor-out structure, its inverse, the loss and
+diagnostics that go with it (iconv.losses, iconv.evaluation), a few training steps of every row.
+
+The contract of the invertible feature extractor (round trip, log-determinant, batch independence)
+is checked in tests/test_protocol.py.
+"""
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given, settings, strategies as st
+from torch import nn
 
 import iconv
-from iconv import classifier
-from iconv.circular import dense_conv_matrix
-from iconv.classifier import (
-    TABLE1, ConfigurationNotInvertibleError, ConvBlock, ConvNet, ZeroPaddedConv2d, classification_loss,
-    conditioning_report, evaluate_accuracy, evaluate_classifier, make_loss, prepare_images, reconstruction_error,
-    spectral_penalty,
-)
+from iconv.configs import TABLE1
+from iconv.core.circular import dense_conv_matrix
+from iconv.data import prepare_images
+from iconv.evaluation import conditioning_report, evaluate_accuracy, evaluate_classifier, reconstruction_error
+from iconv.layers import InvertibleBatchNorm2d, InvertibleConv2d, InvertibleSequential, MultiScale
+from iconv.losses import classification_loss, make_loss, spectral_penalty
+from iconv.models import classifier
+from iconv.models.classifier import ChannelPad, ConfigurationNotInvertibleError, ConvNet, ZeroPaddedConv2d
 from iconv.train import TrainConfig, fit, load_checkpoint
 from tests.helpers import relerr
 
@@ -34,9 +41,10 @@ def warmed_up(net, channels, h, w, dtype=torch.float64):
     with torch.no_grad():
         for _ in range(3):
             net(sample_inputs(32, channels, h, w, dtype))
-        for _, block in net.blocks():
-            block.norm.weight.uniform_(0.8, 1.25)
-            block.norm.bias.normal_(0, 0.3)
+        for norm in net.modules():
+            if isinstance(norm, nn.BatchNorm2d):
+                norm.weight.uniform_(0.8, 1.25)
+                norm.bias.normal_(0, 0.3)
     return net.eval()
 
 
@@ -108,46 +116,70 @@ def test_effective_parameter_count():
 # --------------------------------------------------------------------------- layers
 
 
-@pytest.mark.parametrize("padding", ["circular", "zeros"])
-def test_channel_padded_square_conv_is_an_ordinary_widening_conv(padding):
-    block = ConvBlock(3, 5, padding, "relu", init_scale=0.5, slope=0.1).double()
+@pytest.mark.parametrize("conv", [InvertibleConv2d(5, 3, bias=False, init_scale=0.5), ZeroPaddedConv2d(5, 3, 0.5)],
+                         ids=["circular", "zeros"])
+def test_channel_padded_square_conv_is_an_ordinary_widening_conv(conv):
+    conv = conv.double()
     x = torch.randn(2, 3, 6, 7, dtype=torch.float64)
-    w = block.conv.weight[:, :3]  # (5, 3, 3, 3): the only columns that meet the input
-    if padding == "circular":
+    w = conv.weight[:, :3]  # (5, 3, 3, 3): the only columns that meet the input
+    if isinstance(conv, InvertibleConv2d):
         expected = F.conv2d(F.pad(x, (1, 1, 1, 1), mode="circular"), w)
+        got = conv.transform(ChannelPad(3, 5)(x))
     else:
         expected = F.conv2d(x, w, padding=1)
-    block.eval()
-    expected = F.relu(block.norm(expected))
-    torch.testing.assert_close(block(x), expected)
-    assert block.dead_parameters == 5 * 2 * 9
+        got = conv(ChannelPad(3, 5)(x))
+    torch.testing.assert_close(got, expected)
+    assert torch.equal(ChannelPad(3, 5).inverse(ChannelPad(3, 5)(x)), x)
+    with pytest.raises(ValueError, match="in_channels <= out_channels"):
+        ChannelPad(5, 3)
 
 
-def test_fast_sneaky_relu_matches_the_library():
-    from iconv.classifier import _sneaky
+def test_dead_parameters_are_the_weights_that_meet_zero_channels():
+    net = ConvNet(3, 10, 4)  # pads 3 -> 4 before stage 1 and 4 -> 8 before stage 2
+    assert net.dead_parameters() == 4 * 1 * 9 + 8 * 4 * 9
+    inv = ConvNet(3, 10, 4, padding="circular", activation="sneaky", downsample="nn")
+    assert inv.dead_parameters() == 4 * 1 * 9  # the factor-out stages see no zero channels
 
-    for dtype, ulps in [(torch.float32, 12), (torch.float64, 12)]:
-        x = torch.cat([torch.linspace(-1e4, 1e4, 20001, dtype=dtype), torch.randn(1000, dtype=dtype)])
-        ref = iconv.sneaky_relu(x, 0.1)
-        err = ((_sneaky(x, 0.1) - ref).abs() / ref.abs().clamp_min(1e-30)).max()
-        assert err <= ulps * torch.finfo(dtype).eps
-    x = torch.randn(50, dtype=torch.float64, requires_grad=True)
-    (g,) = torch.autograd.grad(_sneaky(x, 0.3).sum(), x)
-    (g_ref,) = torch.autograd.grad(iconv.sneaky_relu(x, 0.3).sum(), x)
-    torch.testing.assert_close(g, g_ref, rtol=1e-13, atol=1e-15)
+
+def test_invertible_configuration_is_built_from_the_containers():
+    net = ConvNet(2, 10, 4, padding="circular", activation="sneaky", downsample="avg")
+    assert isinstance(net.extractor, MultiScale) and net.extractor.factor_out == [2, 6]
+    blocks = [b for level in net.extractor.levels for b in level if isinstance(b, InvertibleSequential)]
+    assert len(blocks) == 9
+    assert all([type(m) for m in b][:2] == [InvertibleConv2d, InvertibleBatchNorm2d] for b in blocks)
+    assert [conv for _, conv in net.convs()] == [b[0] for b in blocks]
+
+
+def test_features_keep_the_last_channels_and_pack_the_first():
+    """features = [stage 3, space-to-depth(z2, 2), space-to-depth(z1, 4)], z_i the first channels of stage i."""
+    k = 4
+    net = warmed_up(ConvNet(2, 10, k, padding="circular", activation="sneaky", downsample="nn"), 2, 8, 12)
+    x = sample_inputs(3, 2, 8, 12)
+    levels = net.extractor.levels
+    with torch.no_grad():
+        s1 = levels[0].transform(net.pad(x))  # (B, k, 8, 12)
+        s2 = levels[1].transform(s1[:, k // 2:])  # (B, 2k, 4, 6)
+        s3 = levels[2].transform(s2[:, 3 * k // 2:])  # (B, 2k, 2, 3)
+        expected = torch.cat([s3, F.pixel_unshuffle(s2[:, :3 * k // 2], 2), F.pixel_unshuffle(s1[:, :k // 2], 4)], 1)
+        torch.testing.assert_close(net.features(x), expected, rtol=1e-13, atol=1e-13)
 
 
 def test_batchnorm_inverse_and_its_singular_case():
-    from iconv.classifier import _batchnorm_inverse
-
     net = warmed_up(ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="avg"), 1, 8, 8)
-    bn = net.stages[1][0].norm
+    bn = dict(net.named_modules())["extractor.levels.1.1.1"]
+    assert isinstance(bn, InvertibleBatchNorm2d)
     x = torch.randn(3, 8, 4, 4, dtype=torch.float64)
-    assert relerr(_batchnorm_inverse(bn, bn(x), "bn"), x) < 1e-14
+    y, lad = bn(x)
+    assert relerr(bn.inverse(y), x) < 1e-14
+    scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(y, x * scale.view(1, -1, 1, 1) + (bn.bias - bn.running_mean * scale).view(1, -1, 1, 1))
+    torch.testing.assert_close(lad, (16 * scale.abs().log().sum()).expand(3))
     with torch.no_grad():
         bn.weight[2] = 0.0
     with pytest.raises(iconv.NotInvertibleError, match="channel 2"):
-        _batchnorm_inverse(bn, bn(x), "bn")
+        bn.inverse(y)
+    with pytest.raises(iconv.NotInvertibleError, match=r"\.eval\(\)"):
+        bn.train().inverse(y)
 
 
 # --------------------------------------------------------------------------- the inverse
@@ -160,7 +192,8 @@ def test_invertible_configuration_reconstructs_its_input(row, in_channels):
     net = warmed_up(ConvNet(in_channels, 10, 4, **row.switches), in_channels, h, w)
     x = sample_inputs(3, in_channels, h, w)
     with torch.no_grad():
-        x_hat, padding = net.inverse(net.features(x), return_padding=True)
+        x_hat = net.inverse(net.features(x))
+        padding = net.extractor.inverse(net.features(x))[:, in_channels:]
     assert x_hat.shape == x.shape and padding.shape == (3, 4 - in_channels, h, w)
     assert (x_hat - x).abs().max() <= 1e-10
     assert padding.abs().max() <= 1e-10  # the zero channels come back as zeros
@@ -187,8 +220,9 @@ def test_inverse_refuses_non_invertible_configurations_and_training_mode():
     for row in TABLE1[1:3]:
         with pytest.raises(ConfigurationNotInvertibleError, match="maxpool"):
             ConvNet(1, 10, 4, **row.switches).eval().inverse(features)
-    with pytest.raises(ConfigurationNotInvertibleError, match="padding='zeros'"):
-        ConvNet(1, 10, 4, padding="zeros", activation="sneaky", downsample="nn").eval().inverse(features)
+    for padding, activation in [("zeros", "sneaky"), ("circular", "relu")]:
+        with pytest.raises(ValueError, match="needs padding='circular' and activation='sneaky'"):
+            ConvNet(1, 10, 4, padding=padding, activation=activation, downsample="nn")
     net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn")
     assert isinstance(ConfigurationNotInvertibleError("x"), iconv.NotInvertibleError)
     with pytest.raises(ConfigurationNotInvertibleError, match=r"net\.eval\(\)"):
@@ -224,25 +258,6 @@ def test_bad_switches_and_inputs_give_clear_errors():
 
 
 # --------------------------------------------------------------------------- training helpers
-
-
-def test_prepare_and_augment_images():
-    images, _ = tiny_images(4, 3)
-    x = prepare_images(images)
-    assert x.dtype == torch.float32 and x.min() >= -2 and x.max() <= 2
-    torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
-    assert prepare_images(images, like=torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
-    with pytest.raises(TypeError, match="uint8"):
-        prepare_images(images.long())
-    torch.manual_seed(1)
-    flipped = classifier.augment_images(images, flip=True, crop=0)
-    for a, b in zip(flipped, images):
-        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
-    cropped = classifier.augment_images(images, flip=False, crop=2)
-    assert cropped.shape == images.shape and cropped.dtype == torch.uint8
-    for a, b in zip(cropped, images):  # a shifted copy: some window of the zero-padded image
-        padded = F.pad(b, (2, 2, 2, 2))
-        assert any(torch.equal(a, padded[:, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
 
 
 def test_loss_and_accuracy():
@@ -302,13 +317,13 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
 def test_conditioning_report_matches_the_dense_matrix():
     net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="squeeze", init_scale=0.8).double()
     report = conditioning_report(net, (8, 4))
-    assert [entry["name"] for entry in report] == [name for name, _ in net.blocks()]
-    for entry, (_, block) in zip(report, net.blocks()):
+    assert [entry["name"] for entry in report] == [name for name, _ in net.convs()]
+    for entry, (_, conv) in zip(report, net.convs()):
         h, w = entry["size"]
-        dense = torch.linalg.svdvals(dense_conv_matrix(block.conv.weight.detach(), h, w))
+        dense = torch.linalg.svdvals(dense_conv_matrix(conv.weight.detach(), h, w))
         assert entry["layer_condition"] == pytest.approx(float(dense[0] / dense[-1]), rel=1e-10)
         assert entry["sigma_max"] == pytest.approx(float(dense[0]), rel=1e-10)
-        blocks = iconv.fourier.spectrum(block.conv.weight.detach(), h, w)
+        blocks = iconv.fourier.spectrum(conv.weight.detach(), h, w)
         s = torch.linalg.svdvals(blocks[entry["frequency"]])
         assert entry["condition"] == pytest.approx(float(s[0] / s[-1]), rel=1e-10)
         assert entry["condition"] <= entry["layer_condition"] * (1 + 1e-12)
@@ -319,7 +334,7 @@ def test_conditioning_report_matches_the_dense_matrix():
 def test_spectral_penalty_is_zero_when_well_conditioned_and_repairs_a_bad_conv():
     net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn", init_scale=0.1).double()
     assert spectral_penalty(net, (8, 8), floor=0.01).item() == 0.0
-    conv = net.stages[0][1].conv
+    conv = dict(net.convs())["stage1.block2"]
     with torch.no_grad():  # make one frequency nearly singular: a kernel that sums to ~0 on one direction
         conv.weight[:, 0] = 0.0
         conv.weight[0, 0, 1, 1] = 1e-3

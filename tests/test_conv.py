@@ -4,7 +4,7 @@ from hypothesis import given, strategies as st
 
 import iconv
 from iconv import fourier
-from iconv.circular import dense_conv_matrix
+from iconv.core.circular import dense_conv_matrix
 from tests.helpers import dense_apply, relerr
 
 
@@ -45,7 +45,8 @@ def test_initialisation_is_well_conditioned_and_float32_round_trip_is_tight():
     with torch.no_grad():
         y, _ = layer(x)
         assert relerr(layer.inverse(y), x) < 1e-5
-    assert layer.condition_number().item() < 3.0
+    s = layer.singular_values()  # (h, w', c)
+    assert (s[..., 0] / s[..., -1]).max().item() < 3.0  # 2-norm condition (the 1-norm one is up to 2c times more)
 
 
 def test_singular_values_are_those_of_the_dense_matrix():

@@ -437,3 +437,55 @@ def test_batches_seeded_drop_last_and_unlabelled():
         data.batches(x, batch_size=0)
     with pytest.raises(ValueError, match="10 images but 9 labels"):
         data.batches(x, torch.arange(9))
+
+
+# --------------------------------------------------------------------------- classifier inputs and image checks
+
+
+def test_prepare_images():
+    images = torch.randint(0, 256, (4, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x = data.prepare_images(images)
+    assert x.dtype == torch.float32 and x.min() >= -2 and x.max() <= 2
+    torch.testing.assert_close(x, (images.float() / 255 - 0.5) / 0.25)
+    assert data.prepare_images(images, like=torch.zeros(1, dtype=torch.float64)).dtype == torch.float64
+    assert data.prepare_images(images, like=torch.nn.Linear(1, 1).double()).dtype == torch.float64
+    floats = images.double() / 255  # floating input: already in [0, 1], only normalised
+    torch.testing.assert_close(data.prepare_images(floats, like=floats), (floats - 0.5) / 0.25)
+    with pytest.raises(TypeError, match="uint8"):
+        data.prepare_images(images.long())
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        data.prepare_images(images[0])
+
+
+def test_augment_images_flips_and_shifts():
+    images = torch.randint(0, 256, (6, 3, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    flipped = data.augment_images(images, flip=True, crop=0, generator=torch.Generator().manual_seed(1))
+    kinds = [torch.equal(a, b) for a, b in zip(flipped, images)]
+    for a, b in zip(flipped, images):
+        assert torch.equal(a, b) or torch.equal(a, b.flip(-1))
+    assert 0 < sum(kinds) < len(kinds)  # some flipped, some not (seeded)
+    cropped = data.augment_images(images, flip=False, crop=2, generator=torch.Generator().manual_seed(2))
+    assert cropped.shape == images.shape and cropped.dtype == torch.uint8
+    for a, b in zip(cropped, images):  # a shifted copy: some window of the zero-padded image
+        padded = torch.nn.functional.pad(b, (2, 2, 2, 2))
+        assert any(torch.equal(a, padded[:, i:i + 8, j:j + 8]) for i in range(5) for j in range(5))
+    assert torch.equal(data.augment_images(images, flip=False, crop=0), images)
+
+
+def test_check_image_shape():
+    assert data.check_image_shape([1, 28, 28]) == (1, 28, 28)
+    for bad in [(28, 28), (1, 0, 4), (1, 2.5, 4), "abc", None]:
+        with pytest.raises(ValueError, match="shape must be"):
+            data.check_image_shape(bad)
+
+
+def test_check_uint8_images():
+    data.check_uint8_images(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), (1, 4, 4))
+    with pytest.raises(TypeError, match="uint8 pixel values"):
+        data.check_uint8_images(torch.zeros(2, 1, 4, 4))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        data.check_uint8_images([[0]])
+    with pytest.raises(ValueError, match=r"expected \(B, 1, 4, 4\)"):
+        data.check_uint8_images(torch.zeros(2, 1, 4, 5, dtype=torch.uint8), (1, 4, 4))
+    with pytest.raises(ValueError, match=r"expected \(B, C, H, W\)"):
+        data.check_uint8_images(torch.zeros(1, 4, 4, dtype=torch.uint8))

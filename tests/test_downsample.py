@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from iconv.downsample import AvgDownsample, NNDownsample, Squeeze
+from iconv.layers.downsample import AvgDownsample, NNDownsample, Squeeze
 
 LAYERS = [Squeeze, NNDownsample, AvgDownsample]
 SETTINGS = settings(max_examples=25, deadline=None)

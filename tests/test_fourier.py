@@ -6,7 +6,7 @@ from hypothesis import assume, given, strategies as st
 
 import iconv
 from iconv import fourier
-from iconv.circular import dense_conv_matrix
+from iconv.core.circular import dense_conv_matrix
 from tests.helpers import dense_apply, dense_logabsdet, random_weight, relerr
 
 BACKENDS = ["complex", "lifted"]

@@ -1,4 +1,4 @@
-"""The shared trainer: schedule, exact resume, atomic checkpoints, divergence guard, DDP, CLI."""
+"""The trainer's loop: schedule, exact resume, a resume that accepts only its own run, divergence guard, DDP."""
 import json
 import math
 import os
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from iconv import NotInvertibleError
-from iconv.flow import ConvFlow, flow_loss
-from iconv.train import (GlobalBatches, History, TrainConfig, TrainingDiverged, fit, load_checkpoint, lr_factor,
-                         main, save_checkpoint)
+from iconv import ConvFlow, ConvNet, NotInvertibleError
+from iconv.losses import classification_loss, flow_loss
+from iconv.train import (CheckpointError, GlobalBatches, History, ResumeError, TrainConfig, TrainingDiverged, fit,
+                         load_checkpoint, lr_factor, read_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,9 +24,9 @@ def tiny_data(n=48, shape=(1, 4, 4), seed=0):
     return torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
 
 
-def tiny_flow(dtype=torch.float32):
+def tiny_flow(dtype=torch.float32, **kw):
     torch.manual_seed(1)
-    return ConvFlow((1, 4, 4), depth=2).to(dtype)
+    return ConvFlow((1, 4, 4), depth=2, **kw).to(dtype)
 
 
 def config(**kw):
@@ -37,6 +37,10 @@ def config(**kw):
 
 def params(model):
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
 
 
 def test_lr_schedule():
@@ -51,7 +55,7 @@ def test_lr_schedule():
 def test_config_validation():
     with pytest.raises(ValueError, match="optimizer"):
         TrainConfig(optimizer="rmsprop")
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(ValueError, match="steps must be a positive int, got 0"):
         TrainConfig(steps=0)
     with pytest.raises(ValueError, match="lr"):
         TrainConfig(lr=-1)
@@ -88,15 +92,15 @@ class Crash(RuntimeError):
     pass
 
 
-def crash_at(step_to_crash):
-    """A flow loss that dies (like a killed job) when called for the given step."""
+def crash_at(step_to_crash, loss=flow_loss):
+    """A loss that dies (like a killed job) when called for the given step."""
     calls = {"n": 0}
 
     def loss_fn(model, images, labels):
         calls["n"] += 1
         if calls["n"] == step_to_crash + 1:
             raise Crash("simulated crash")
-        return flow_loss(model, images, labels)
+        return loss(model, images, labels)
 
     return loss_fn
 
@@ -121,34 +125,95 @@ def test_resume_continues_exactly(tmp_path):
                     progress=False)
     assert torch.equal(params(resumed), params(straight))
     assert [r["loss"] for r in h_resumed.train] == [r["loss"] for r in h_straight.train]
-    untimed = lambda rows: [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
     assert untimed(h_resumed.eval) == untimed(h_straight.eval) and len(h_resumed.eval) == 2
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
-def test_resume_refuses_a_different_configuration(tmp_path):
+def test_checkpoint_describes_the_run(tmp_path):
+    path = tmp_path / "d.pt"
+    fit(tiny_flow(), flow_loss, tiny_data(), config=config(steps=2), checkpoint_path=path, progress=False,
+        run={"data": {"name": "synthetic", "split": "train"}}, experiment={"what": "a test"})
+    state = read_checkpoint(path)
+    assert state["model"] == {"class": "ConvFlow", "arguments": tiny_flow().arguments}
+    assert state["step"] == 2 and state["seed"] == 3 and state["data"] == {"name": "synthetic", "split": "train"}
+    assert state["experiment"] == {"what": "a test"}
+    assert state["run"]["training"]["lr"] == 1e-2 and state["run"]["train_data"]["digest"].startswith("sha256:")
+    assert set(state["training"]) >= {"optimizer", "scheduler", "rng", "history", "config"}
+
+
+def test_resume_refuses_a_different_run_and_lists_the_keys(tmp_path):
     images = tiny_data()
     path = tmp_path / "c.pt"
     fit(tiny_flow(), flow_loss, images, config=config(steps=2), checkpoint_path=path, progress=False)
-    with pytest.raises(ValueError, match="lr: checkpoint 0.01 vs now 0.02"):
+    before = path.read_bytes()
+    with pytest.raises(ResumeError, match=r"1 differing key\(s\): training.lr: checkpoint 0.01, now 0.02"):
         fit(tiny_flow(), flow_loss, images, config=config(steps=2, lr=2e-2), checkpoint_path=path, resume=True,
+            progress=False)
+    with pytest.raises(ResumeError, match=r"2 differing key\(s\): training.batch_size.*training.seed"):
+        fit(tiny_flow(), flow_loss, images, config=config(steps=2, seed=4, batch_size=4), checkpoint_path=path,
+            resume=True, progress=False)
+    with pytest.raises(ResumeError, match="model.arguments.downsample: checkpoint 'squeeze', now 'nn'"):
+        fit(tiny_flow(downsample="nn"), flow_loss, images, config=config(steps=2), checkpoint_path=path, resume=True,
+            progress=False)
+    with pytest.raises(ResumeError, match="train_data.digest"):
+        fit(tiny_flow(), flow_loss, tiny_data(seed=1), config=config(steps=2), checkpoint_path=path, resume=True,
+            progress=False)
+    with pytest.raises(ResumeError, match="run.data.split: checkpoint <missing>, now 'test'"):
+        fit(tiny_flow(), flow_loss, images, config=config(steps=2), checkpoint_path=path, resume=True,
+            run={"data": {"split": "test"}}, progress=False)
+    assert path.read_bytes() == before  # refused before anything was written
+
+
+def test_resume_refuses_another_classifier_architecture(tmp_path):
+    images, labels = tiny_data(32, (1, 8, 8)), torch.arange(32) % 10
+    cfg = config(steps=2, optimizer="sgd", warmup=0)
+    path = tmp_path / "net.pt"
+    torch.manual_seed(0)
+    fit(ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn"), classification_loss, images,
+        labels, config=cfg, checkpoint_path=path, progress=False)
+    torch.manual_seed(0)
+    other = ConvNet(1, 10, 4)  # zeros / relu / maxpool: the same parameter shapes but for the convs' kind
+    with pytest.raises(ResumeError, match="model.arguments.activation.*model.arguments.downsample.*padding"):
+        fit(other, classification_loss, images, labels, config=cfg, checkpoint_path=path, resume=True,
             progress=False)
 
 
-def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
-    path = tmp_path / "d.pt"
-    save_checkpoint(path, {"format": 1, "value": 1})
+def test_resume_modes_and_overwrite(tmp_path):
+    images = tiny_data()
+    path = tmp_path / "m.pt"
+    with pytest.raises(ResumeError, match="m.pt does not exist.*if-exists"):
+        fit(tiny_flow(), flow_loss, images, config=config(), checkpoint_path=path, resume=True, progress=False)
+    with pytest.raises(ResumeError, match="needs a checkpoint path"):
+        fit(tiny_flow(), flow_loss, images, config=config(), resume=True, progress=False)
+    with pytest.raises(ValueError, match="resume must be False, True or 'if-exists'"):
+        fit(tiny_flow(), flow_loss, images, config=config(), checkpoint_path=path, resume="yes", progress=False)
+    h = fit(tiny_flow(), flow_loss, images, config=config(steps=3), checkpoint_path=path, resume="if-exists",
+            progress=False)
+    assert h.steps == 3 and read_checkpoint(path)["step"] == 3
+    before = path.read_bytes()
+    with pytest.raises(ResumeError, match="already exists.*overwrite"):
+        fit(tiny_flow(), flow_loss, images, config=config(steps=3), checkpoint_path=path, progress=False)
+    assert path.read_bytes() == before
+    # more steps may be asked on resume: a constant schedule then equals the longer uninterrupted run
+    cfg = lambda steps: config(steps=steps, schedule="constant", warmup=0)
+    first = tiny_flow()
+    fit(first, flow_loss, images, config=cfg(3), checkpoint_path=path, overwrite=True, progress=False)
+    longer = tiny_flow()
+    h = fit(longer, flow_loss, images, config=cfg(5), checkpoint_path=path, resume="if-exists", progress=False)
+    straight = tiny_flow()
+    fit(straight, flow_loss, images, config=cfg(5), progress=False)
+    assert h.steps == 5 and torch.equal(params(longer), params(straight))
 
-    def broken_save(obj, f, *a, **k):
-        f.write(b"half a file")
-        raise OSError("disk full")
 
-    monkeypatch.setattr(torch, "save", broken_save)
-    with pytest.raises(OSError, match="disk full"):
-        save_checkpoint(path, {"format": 1, "value": 2})
-    monkeypatch.undo()
-    assert load_checkpoint(path)["value"] == 1
-    assert os.listdir(tmp_path) == ["d.pt"]
+def test_checkpoint_location_is_checked_before_step_one(tmp_path):
+    calls = []
+    counting = lambda m, x, y: calls.append(1) or flow_loss(m, x, y)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    for bad in (blocker / "c.pt", tmp_path):
+        with pytest.raises(OSError, match="checkpoint"):
+            fit(tiny_flow(), counting, tiny_data(), config=config(), checkpoint_path=bad, progress=False)
+    assert calls == [] and blocker.read_text() == "not a folder"
 
 
 def nan_at(bad_step):
@@ -170,7 +235,22 @@ def test_guard_stops_on_non_finite_loss_and_keeps_the_last_checkpoint(tmp_path):
             progress=False)
     assert info.value.step == 4 and Path(info.value.checkpoint_path) == path
     state = load_checkpoint(path)
-    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["model"].values())
+    assert state["step"] == 3 and all(torch.isfinite(v).all() for v in state["state_dict"].values())
+
+
+def test_a_huge_learning_rate_ends_with_the_trainers_divergence_error():
+    with pytest.raises(TrainingDiverged, match="diverged at step [1-9]") as info:
+        fit(tiny_flow(), flow_loss, tiny_data(), progress=False,
+            config=config(steps=20, lr=1e6, warmup=0, clip=None))
+    assert "non-finite" in str(info.value) or "the loss is" in str(info.value)
+
+
+def test_a_loss_that_fails_at_its_first_step_is_not_called_divergence():
+    def broken(model, images, labels):
+        raise ValueError("a bug in the loss")
+
+    with pytest.raises(ValueError, match="a bug in the loss"):
+        fit(tiny_flow(), broken, tiny_data(), config=config(), progress=False)
 
 
 def test_guard_stops_when_a_layer_turns_singular(tmp_path):
@@ -181,7 +261,7 @@ def test_guard_stops_when_a_layer_turns_singular(tmp_path):
         fit(tiny_flow(), singular, tiny_data(), config=config(), progress=False)
 
     model = tiny_flow()
-    weight = model.levels[0][0][1].weight
+    weight = model.convs()[0][0].weight
     for p in model.parameters():
         p.requires_grad_(p is weight)
     weight.register_hook(lambda g: weight.detach().clone())  # SGD with lr 1 then sets this weight to 0
@@ -255,20 +335,6 @@ def test_torchrun_two_processes_match_one(tmp_path):
     for a, b in zip(r0["params"], model.parameters()):
         assert torch.allclose(a, b.detach(), rtol=1e-10, atol=1e-12)
 
-
-def test_cli_trains_and_writes_results(tmp_path, capsys):
-    out = tmp_path / "run"
-    code = main(["flow", "--size", "ci", "--data", "digits", "--steps", "4", "--batch-size", "16", "--depth", "1",
-                 "--eval-size", "32", "--out", str(out), "--checkpoint", str(tmp_path / "cli.pt"), "--no-progress",
-                 "--samples", "4", "--device", "cpu"])
-    assert code == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["steps"] == 4 and metrics["model"] == "ConvFlow" and math.isfinite(metrics["test_bits/dim"])
-    assert (out / "history.json").exists() and load_checkpoint(tmp_path / "cli.pt")["step"] == 4
-    code = main(["flow", "--size", "ci", "--data", "digits", "--steps", "2", "--batch-size", "16", "--depth", "2",
-                 "--model", "glow", "--hidden", "4", "--eval-size", "32", "--no-progress", "--samples", "0",
-                 "--device", "cpu"])
-    assert code == 0 and '"GlowBaseline"' in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("clock", ["wall", "process"])

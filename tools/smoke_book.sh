@@ -38,7 +38,7 @@ for ch in chapters:
         continue
     pathlib.Path(ch + ".md").unlink(missing_ok=True)
     tag = pathlib.Path(ch).name.split("_")[0]
-    text = template.replace("fig-template-sneaky", f"fig-{tag}-sneaky").replace("eq-sneaky", f"eq-{tag}-sneaky")
+    text = template.replace("fig-template-", f"fig-{tag}-").replace("eq-sneaky", f"eq-{tag}-sneaky")
     text = text.replace("# Chapter template", f"# Chapter {tag} (template copy)")
     pathlib.Path(ch + ".ipynb").write_text(text)
     made.append(ch)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
+from ..checks import check_dtype
 
 def check_weight(weight: torch.Tensor) -> None:
-    """Raise unless ``weight`` is a finite ``(c, c, k, k)`` floating tensor with odd ``k``."""
+    """Raise unless ``weight`` is a finite float32/float64 ``(c, c, k, k)`` tensor with odd ``k`` (one host sync)."""
     if not isinstance(weight, torch.Tensor) or weight.dim() != 4:
         shape = tuple(weight.shape) if isinstance(weight, torch.Tensor) else type(weight).__name__
         raise ValueError(f"weight must have shape (c_out, c_in, k, k), got {shape}")
@@ -27,8 +27,7 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError(f"kernel size must be odd so that the output keeps the input's size, got k = {kh}")
     if c_out != c_in:
         raise ValueError(f"an invertible conv maps c channels to c channels; weight has c_out = {c_out}, c_in = {c_in}")
-    if not weight.is_floating_point():
-        raise TypeError(f"weight must be floating (float32 or float64), got {weight.dtype}")
+    check_dtype(weight, "weight")
     if not bool(torch.isfinite(weight).all()):
         raise ValueError("weight holds non-finite values (NaN or inf)")
 

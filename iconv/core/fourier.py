@@ -27,17 +27,37 @@ once; every other column counts twice.
 All functions are batched, work in float32 and float64 on CPU and CUDA, and are differentiable.
 ``backend="complex"`` factorizes the complex blocks with torch's complex LU; ``backend="lifted"``
 factorizes the real :math:`2c\times 2c` lifts :math:`\phi(A_f)` (see :mod:`iconv.lifting`).
+
+**Validation.** Every public function checks its arguments (shapes, dtypes, finiteness: one host
+synchronisation) unless called with ``validate=False``, which the layers use once they have
+checked their own input at the boundary (:func:`iconv.layers.base.at_boundary`).
+
+**Singularity.** One definition, :func:`condition_numbers` (exact 1-norm condition numbers from the
+explicit inverse blocks), and one limit, :func:`condition_limit`, serve every caller: :func:`inverse`
+(fresh or cached) raises :class:`~iconv.NotInvertibleError` for every weight with a block above the
+limit, whatever its structure (no estimator that a constructed weight could fool). A block whose
+smallest LU pivot is at most :math:`\sqrt n\,\varepsilon\,\|A_f\|_1` is singular to working
+precision: its :math:`\log|\det|` is ``-inf`` and its condition number ``inf``.
+
+**Speed** (c = 64, 32x32, batch 32, float32, one CPU thread, thread CPU time, medians; conv = torch's
+spatial circular conv, 42 ms): complex LU of the 544 blocks 30 ms, the real lift's LU 119 ms (so
+``backend="complex"`` is the default); the explicit inverse from the LU (``lu_solve`` on the
+identity) 91 ms against ``linalg.inv_ex`` 150 ms and a ``solve_triangular`` route 142 ms; applying
+the inverse blocks with one contiguous complex ``bmm`` 22 ms against 95 ms on the strided FFT
+layout, 65 ms for the real lift and 77 ms for four real products.
 """
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from . import lifting
 from .threads import safe_factorization_threads
-from ..checks import check_image
+from ..checks import check_dtype, check_image
 from ..errors import NotInvertibleError
 from .circular import check_weight
 
@@ -67,6 +87,10 @@ def _check_size(h: int, w: int) -> None:
         raise ValueError(f"image size must be positive integers, got h = {h}, w = {w}")
 
 
+def _complex_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.complex128 if dtype == torch.float64 else torch.complex64
+
+
 def _phases(n: int, freqs: int, k: int, dtype: torch.dtype, device) -> torch.Tensor:
     """``exp(+2 pi i f (a - p) / n)`` for f < freqs, a < k: ``(freqs, k)`` complex."""
     p = k // 2
@@ -76,20 +100,42 @@ def _phases(n: int, freqs: int, k: int, dtype: torch.dtype, device) -> torch.Ten
     return torch.polar(torch.ones_like(angle), angle).to(dtype)
 
 
-def spectrum(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """The Fourier blocks of the circular conv on an ``h x w`` image.
+@functools.lru_cache(maxsize=64)
+def _phase_table(h: int, w: int, k: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The phases of every tap at every half-spectrum frequency: ``(h * w', k * k)`` complex, cached.
+
+    Built in float64 and rounded once; ordinary tensors even when first asked for under
+    ``torch.inference_mode`` (they are reused by differentiable calls).
+    """
+    with torch.inference_mode(False):
+        rows = _phases(h, h, k, torch.complex128, device)  # (h, k)
+        cols = _phases(w, w // 2 + 1, k, torch.complex128, device)  # (w', k)
+        return (rows[:, None, :, None] * cols[None, :, None, :]).reshape(-1, k * k).to(dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _multiplicity_table(h: int, w: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """:func:`conjugate_multiplicity` repeated for every row: ``(h * w',)``, cached."""
+    with torch.inference_mode(False):
+        return conjugate_multiplicity(w, device).to(dtype).repeat(h)
+
+
+def spectrum(weight: torch.Tensor, h: int, w: int, validate: bool = True) -> torch.Tensor:
+    r"""The Fourier blocks of the circular conv on an ``h x w`` image.
 
     Returns ``(h, w // 2 + 1, c, c)`` complex: ``A[u, v]`` maps the input's rfft2 coefficients at
     frequency ``(u, v)`` to the output's. Kernels larger than the image wrap around correctly.
+    Computed as one complex matrix product, phases ``(h w', k^2)`` (cached per size) times taps
+    ``(k^2, c^2)``: its output is already in block layout (no copies; 1.5 ms at c = 64, 32x32,
+    against 33 ms for the two einsums it replaces).
     """
-    check_weight(weight)
-    _check_size(h, w)
-    k = weight.shape[-1]
-    cdtype = torch.complex128 if weight.dtype == torch.float64 else torch.complex64
-    rows = _phases(h, h, k, cdtype, weight.device)  # (h, k)
-    cols = _phases(w, w // 2 + 1, k, cdtype, weight.device)  # (w', k)
-    half = torch.einsum("ocab,vb->ocav", weight.to(cdtype), cols)  # (c, c, k, w')
-    return torch.einsum("ua,ocav->uvoc", rows, half).contiguous()  # (h, w', c, c)
+    if validate:
+        check_weight(weight)
+        _check_size(h, w)
+    c, k = weight.shape[0], weight.shape[-1]
+    cdtype = _complex_dtype(weight.dtype)
+    taps = weight.permute(2, 3, 0, 1).reshape(k * k, c * c).to(cdtype)  # (k^2, c^2)
+    return (_phase_table(h, w, k, cdtype, weight.device) @ taps).view(h, w // 2 + 1, c, c)
 
 
 def conjugate_multiplicity(w: int, device=None) -> torch.Tensor:
@@ -102,10 +148,14 @@ def conjugate_multiplicity(w: int, device=None) -> torch.Tensor:
 
 
 def to_frequencies(x: torch.Tensor) -> torch.Tensor:
-    """rfft2 of ``x`` ``(B, c, h, w)`` laid out frequency-major: ``(h * w', c, B)`` complex, contiguous."""
+    """rfft2 of ``x`` ``(B, c, h, w)`` laid out frequency-major: ``(h * w', c, B)`` complex, contiguous.
+
+    The one copy here pays for itself: a batched product on the contiguous layout takes 22 ms
+    against 95 ms on the FFT's strided output (c = 64, 32x32, batch 32).
+    """
     B, c = x.shape[:2]
     X = torch.fft.rfft2(x)  # (B, c, h, w')
-    return X.permute(2, 3, 1, 0).reshape(-1, c, B)  # (h*w', c, B)
+    return X.permute(2, 3, 1, 0).reshape(-1, c, B).contiguous()  # (h*w', c, B)
 
 
 def from_frequencies(Xf: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -115,26 +165,52 @@ def from_frequencies(Xf: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return torch.fft.irfft2(X, s=(h, w))
 
 
-def apply_blocks(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Multiply every frequency of ``x`` ``(B, c, h, w)`` by its block ``(h, w', c, c)``: a circular conv."""
+def _apply(blocks: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None, inverse: bool) -> torch.Tensor:
+    """``F^-1(blocks_f F(x)_f) + shift`` (``inverse=False``) or ``F^-1(blocks_f F(x - shift)_f)`` (``inverse=True``).
+
+    ``blocks`` ``(h*w', c, c)``; an empty batch stays empty. A constant ``shift`` (a bias) only moves
+    the zero frequency, by ``h w`` times itself: adding it there saves a pass over the image.
+    """
     h, w = x.shape[-2:]
-    c = blocks.shape[-1]
-    Yf = torch.bmm(blocks.reshape(-1, c, c), to_frequencies(x))  # (h*w', c, B)
+    if x.shape[0] == 0:  # MKL's FFT refuses empty batches
+        return x.new_zeros(x.shape)
+    Xf = to_frequencies(x)  # (h*w', c, B)
+    if shift is not None and inverse:
+        Xf[0] -= (h * w) * shift.to(Xf.dtype)[:, None]
+    Yf = torch.bmm(blocks, Xf)  # (h*w', c, B)
+    if shift is not None and not inverse:
+        Yf[0] += (h * w) * shift.to(Yf.dtype)[:, None]
     return from_frequencies(Yf, h, w)
 
 
-def _check_pair(x: torch.Tensor, weight: torch.Tensor, name: str) -> None:
+def apply_blocks(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """Multiply every frequency of ``x`` ``(B, c, h, w)`` by its block ``(h, w', c, c)``: a circular conv."""
+    c = blocks.shape[-1]
+    return _apply(blocks.reshape(-1, c, c), x, None, inverse=False)
+
+
+def _check_pair(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, name: str) -> None:
     check_weight(weight)
     check_image(x, name, channels=weight.shape[0])
     if x.dtype != weight.dtype:
         raise TypeError(f"{name} has dtype {x.dtype} but weight has {weight.dtype}; use one dtype")
+    if bias is not None:
+        if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0],):
+            shape = tuple(bias.shape) if isinstance(bias, torch.Tensor) else type(bias).__name__
+            raise ValueError(f"bias must have shape ({weight.shape[0]},), got {shape}")
+        check_dtype(bias, "bias", weight.dtype)
+        if not bool(torch.isfinite(bias).all()):
+            raise ValueError("bias holds non-finite values (NaN or inf); expected finite values")
 
 
-def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           validate: bool = True) -> torch.Tensor:
     """The circular conv computed in the Fourier domain; equals :func:`iconv.circular.circular_conv2d`."""
-    _check_pair(x, weight, "x")
-    y = apply_blocks(spectrum(weight, *x.shape[-2:]), x)
-    return y if bias is None else y + bias.view(1, -1, 1, 1)
+    if validate:
+        _check_pair(x, weight, bias, "x")
+    h, w = x.shape[-2:]
+    c = weight.shape[0]
+    return _apply(spectrum(weight, h, w, validate=False).reshape(-1, c, c), x, bias, inverse=False)
 
 
 def _lu(blocks: torch.Tensor, backend: str):
@@ -145,26 +221,14 @@ def _lu(blocks: torch.Tensor, backend: str):
     return LU, pivots, info
 
 
-def _logabsdet_of_lu(LU: torch.Tensor, backend: str) -> torch.Tensor:
-    lad = LU.diagonal(dim1=-2, dim2=-1).abs().log().sum(-1)  # (h, w')
-    return lad if backend == "complex" else 0.5 * lad
+def _inverse_from_lu(LU: torch.Tensor, pivots: torch.Tensor, backend: str, adjoint: bool = False) -> torch.Tensor:
+    """``A^-1`` (or ``A^-H``) of every block ``(f, c, c)`` complex, from its LU (either backend).
 
-
-def _total(lad: torch.Tensor, w: int) -> torch.Tensor:
-    """Sum half-spectrum log-determinants ``(h, w')``, counting mirrored columns twice."""
-    return (lad * conjugate_multiplicity(w, lad.device).to(lad.dtype)).sum()
-
-
-def logabsdet(weight: torch.Tensor, h: int, w: int, backend: str = "complex") -> torch.Tensor:
-    """``log|det|`` of the whole ``chw x chw`` circular conv, exactly, as a 0-dim tensor.
-
-    Equation (2) of the paper over the half spectrum; differentiable in ``weight``. A singular
-    conv gives ``-inf``.
+    For the lift, :math:`\\phi(C)^T = \\phi(C^H)`, so the transposed solve gives the adjoint.
     """
-    check_backend(backend)
-    blocks = spectrum(weight, h, w)  # (h, w', c, c)
-    LU, _, _ = _lu(blocks.reshape(-1, *blocks.shape[-2:]), backend)  # (h*w', n, n)
-    return _total(_logabsdet_of_lu(LU, backend).view(h, -1), w)
+    eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device).expand_as(LU)
+    inverses = torch.linalg.lu_solve(LU, pivots, eye, adjoint=adjoint)
+    return lifting.unlift(inverses, check=False) if backend == "lifted" else inverses
 
 
 def _modulus(z: torch.Tensor) -> torch.Tensor:
@@ -172,24 +236,71 @@ def _modulus(z: torch.Tensor) -> torch.Tensor:
     return z.real.abs() + z.imag.abs() if z.is_complex() else z.abs()
 
 
-def _column_norms(M: torch.Tensor) -> torch.Tensor:
-    """The 1-norm of every column of ``(..., n, m)``: ``(..., m)``."""
-    return _modulus(M).sum(-2)
-
-
 def _norm1(M: torch.Tensor) -> torch.Tensor:
     """The 1-norm (largest column sum of moduli) of every matrix in ``(..., n, m)``.
 
-    Moduli are taken as ``|Re| + |Im|`` (see :func:`_modulus`); condition numbers built from it
-    are at most 2x those with true moduli, which only makes the singularity check more careful.
+    Moduli are taken as ``|Re| + |Im|`` (see :func:`_modulus`); this is also the 1-norm of the
+    real lift :math:`\\phi(M)`, so both backends share it.
     """
-    return _column_norms(M).amax(-1)
+    return _modulus(M).sum(-2).amax(-1)
 
 
-def _probe(n: int, dtype, device) -> torch.Tensor:
-    """A fixed vector of pseudo-random signs ``(n, 1)``, used to bound ``||A^-1||`` from below."""
-    signs = torch.sign(torch.sin(torch.arange(1, n + 1, dtype=torch.float64) * 12.9898) + 1e-12)
-    return signs.to(device=device, dtype=dtype)[:, None]
+def _block_logabsdet(LU: torch.Tensor, norm1: torch.Tensor, backend: str) -> torch.Tensor:
+    r"""``log|det A_f|`` of every block from its LU: ``(f,)``; ``-inf`` for blocks singular to working precision.
+
+    A block counts as singular when its smallest pivot is at most :math:`\sqrt n\,\varepsilon\,\|A_f\|_1`
+    (``n`` the factorized size): rounding alone leaves pivots of that size in an exactly
+    rank-deficient matrix (measured: at most :math:`1.4\,\varepsilon\|A_f\|_1` for c = 2..64 in
+    float32 and float64), and such a pivot carries no correct digit. Since
+    :math:`\min_i|u_{ii}| \ge 1/(n\|A^{-1}\|_1)`, it only happens when
+    :math:`\kappa_1(A_f) \ge 1/(n^{3/2}\varepsilon)`.
+    """
+    pivots = LU.diagonal(dim1=-2, dim2=-1).abs()  # (f, n)
+    n = pivots.shape[-1]
+    lad = pivots.log().sum(-1)
+    if backend == "lifted":
+        lad = 0.5 * lad  # |det phi(A)| = |det A|^2
+    tol = math.sqrt(n) * torch.finfo(pivots.dtype).eps * norm1.to(pivots.dtype)
+    return torch.where(pivots.amin(-1) <= tol, torch.full_like(lad, -math.inf), lad)
+
+
+class _LogAbsDet(torch.autograd.Function):
+    r""":math:`\sum_f m_f \log|\det A_f|` with the analytic gradient :math:`m_f A_f^{-H}`.
+
+    torch's generic backward through ``lu_factor`` costs 10x the factorization (triangular solves
+    and products on the LU's factors: 600 ms at c = 64, 32x32); the gradient of
+    :math:`\log|\det A|` is :math:`A^{-H}` (conjugate-Wirtinger convention), one ``lu_solve`` on the
+    identity with the LU kept from the forward: 91 ms.
+    """
+
+    @staticmethod
+    def forward(ctx, blocks, mult, backend):
+        LU, pivots, _ = _lu(blocks, backend)
+        lad = _block_logabsdet(LU, _norm1(blocks), backend)  # (f,)
+        ctx.save_for_backward(LU, pivots, mult)
+        ctx.backend = backend
+        return (lad * mult).sum()
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        LU, pivots, mult = ctx.saved_tensors
+        inverse_adjoint = _inverse_from_lu(LU, pivots, ctx.backend, adjoint=True)  # (f, c, c): A^-H
+        return inverse_adjoint * (grad * mult).to(inverse_adjoint.dtype)[:, None, None], None, None
+
+
+def logabsdet(weight: torch.Tensor, h: int, w: int, backend: str = "complex", validate: bool = True) -> torch.Tensor:
+    """``log|det|`` of the whole ``chw x chw`` circular conv, exactly, as a 0-dim tensor.
+
+    Equation (2) of the paper over the half spectrum; differentiable in ``weight`` (analytic
+    gradient, see :class:`_LogAbsDet`). A conv with a block singular to working precision
+    (a rank-deficient weight among them) gives ``-inf``.
+    """
+    check_backend(backend)
+    blocks = spectrum(weight, h, w, validate)
+    c = blocks.shape[-1]
+    mult = _multiplicity_table(h, w, weight.dtype, weight.device)
+    return _LogAbsDet.apply(blocks.reshape(-1, c, c), mult, backend)
 
 
 @dataclass
@@ -197,10 +308,11 @@ class SpectralFactorization:
     """What a circular conv's inverse needs, computed once per weight and image size.
 
     ``LU``, ``pivots`` factorize every block (or its real lift, for ``backend="lifted"``),
-    ``logabsdet`` is the exact log-determinant, ``norm1`` ``(h*w',)`` the blocks' 1-norms. With
-    ``explicit=True`` the per-frequency inverses :math:`A_f^{-1}` ``(h*w', c, c)`` are formed too,
-    which makes every later inverse a single batched matrix product, and gives the exact 1-norm
-    ``condition`` of every block.
+    ``logabsdet`` is the exact log-determinant, ``norm1`` ``(h*w',)`` the blocks' 1-norms,
+    ``weight`` a copy of the weight it was made for (so that :func:`inverse` refuses it for any
+    other). :meth:`complete` (done by :func:`factorize` unless ``explicit=False``) forms the
+    inverse blocks :math:`A_f^{-1}` ``(h*w', c, c)``, which makes every inverse one batched matrix
+    product, and their exact 1-norm ``condition`` numbers.
     """
 
     LU: torch.Tensor
@@ -210,48 +322,57 @@ class SpectralFactorization:
     norm1: torch.Tensor
     h: int
     w: int
+    weight: torch.Tensor | None = None
+    singular: torch.Tensor | None = None
     inverse_blocks: torch.Tensor | None = None
     condition: torch.Tensor | None = None
+    _worst: tuple | None = field(default=None, repr=False)
 
-    def _lu_solve(self, rhs: torch.Tensor, adjoint: bool = False) -> torch.Tensor:
-        """``A^-1 rhs`` (or ``A^-H rhs``) for complex ``rhs`` ``(h*w', c, m)``, in either backend."""
-        if self.backend == "lifted":  # phi(C)^T = phi(C^H): the lifted transpose solve is the adjoint one
-            lifted = torch.linalg.lu_solve(self.LU, self.pivots, lifting.lift_vector(rhs), adjoint=adjoint)
-            return lifting.unlift_vector(lifted)
-        return torch.linalg.lu_solve(self.LU, self.pivots, rhs, adjoint=adjoint)
+    def matches(self, weight: torch.Tensor) -> bool:
+        """True when this factorization was made for exactly ``weight`` (same values, dtype, device)."""
+        w = self.weight
+        return (w is not None and w.shape == weight.shape and w.dtype == weight.dtype
+                and w.device == weight.device and torch.equal(w, weight.detach()))
+
+    def complete(self) -> "SpectralFactorization":
+        """Form the explicit inverse blocks and their exact condition numbers (no-op when done)."""
+        if self.inverse_blocks is None:
+            inverses = _inverse_from_lu(self.LU, self.pivots, self.backend)  # (h*w', c, c)
+            condition = torch.nan_to_num(self.norm1 * _norm1(inverses.detach()), nan=math.inf, posinf=math.inf)
+            if self.singular is not None:
+                condition = torch.where(self.singular, torch.full_like(condition, math.inf), condition)
+            self.inverse_blocks, self.condition = inverses, condition
+        return self
 
     def solve(self, Yf: torch.Tensor):
-        r"""Solve ``A_f X_f = Y_f`` for ``Yf`` ``(h*w', c, B)``; returns ``(Xf, condition)``.
+        r"""Solve ``A_f X_f = Y_f`` for ``Yf`` ``(h*w', c, B)``; returns ``(Xf, condition)``, both exact.
 
-        ``condition`` ``(h*w',)`` is exact when the inverses are explicit. Otherwise it is a lower
-        bound on the 1-norm condition number from Hager's estimator (the one LAPACK's ``gecon``
-        refines), run for one step: :math:`\|A^{-1}\|_1 \ge \|A^{-1} r\|_1 / \|r\|_1` for a fixed
-        sign probe :math:`r` (one extra column of the solve), then
-        for the unit vector :math:`e_j` that the adjoint solve :math:`A^{-H}\mathrm{sign}(A^{-1} r)`
-        points to (two more single-column solves). It is rarely more than a few times too small.
+        ``condition`` ``(h*w',)`` are the exact 1-norm condition numbers of :func:`condition_numbers`.
         """
-        if self.inverse_blocks is not None:
-            return torch.bmm(self.inverse_blocks, Yf), self.condition
-        f, c, B = Yf.shape
-        probe = _probe(c, Yf.dtype, Yf.device).expand(f, -1, 1)  # (h*w', c, 1)
-        sol = self._lu_solve(torch.cat([Yf, probe], dim=-1))  # (h*w', c, B + 1)
-        with torch.no_grad():
-            tiny = torch.finfo(self.norm1.dtype).tiny
-            x = sol[..., B:]  # (h*w', c, 1): A^-1 probe
-            growth = _column_norms(x)[:, 0] / c  # |A^-1 r|_1 / |r|_1 with |r|_1 = c
-            z = self._lu_solve(x / x.abs().clamp_min(tiny), adjoint=True)  # subgradient of |A^-1 .|_1
-            e = torch.zeros_like(x).scatter_(1, _modulus(z).argmax(1, keepdim=True), 1.0)
-            refined = _column_norms(self._lu_solve(e))[:, 0]  # (h*w',): |A^-1 e_j|_1
-            condition = torch.nan_to_num(self.norm1 * torch.maximum(growth, refined), nan=math.inf)
-        return sol[..., :B], condition
+        self.complete()
+        return torch.bmm(self.inverse_blocks, Yf), self.condition
 
-    def check_invertible(self, condition: torch.Tensor, max_condition: float | None = None) -> None:
-        """Raise :class:`NotInvertibleError` if a block is too ill-conditioned to invert reliably."""
+    def worst(self) -> tuple[int, float]:
+        """``(index, condition)`` of the worst-conditioned block (computed once: one host sync)."""
+        if self._worst is None:
+            flat = torch.nan_to_num(self.complete().condition.detach(), nan=math.inf)
+            index = int(flat.argmax())
+            self._worst = (index, float(flat[index]))
+        return self._worst
+
+    def check_invertible(self, max_condition: float | None = None) -> None:
+        r"""Raise :class:`NotInvertibleError` if a block's condition number exceeds the limit.
+
+        The limit is :func:`condition_limit` unless ``max_condition`` is given. The condition
+        numbers come from the computed inverse :math:`\hat X`; with a backward-stable inverse
+        (columnwise :math:`(A + \Delta A_j)\hat x_j = e_j`, :math:`\|\Delta A_j\|_1 \le \gamma\|A\|_1`)
+        :math:`\hat\kappa \ge \kappa / (1 + \gamma\kappa)`, so every block whose true condition
+        number exceeds the limit by more than that rounding margin is refused, whatever its
+        structure.
+        """
         dtype = self.norm1.dtype
-        limit = MAX_RELATIVE_ERROR / torch.finfo(dtype).eps if max_condition is None else max_condition
-        flat = torch.nan_to_num(condition.detach(), nan=math.inf)
-        index = int(flat.argmax())
-        cond = float(flat[index])
+        limit = condition_limit(dtype) if max_condition is None else max_condition
+        index, cond = self.worst()
         if not math.isfinite(cond) or cond > limit:
             u, v = divmod(index, self.w // 2 + 1)
             raise NotInvertibleError(
@@ -264,24 +385,22 @@ class SpectralFactorization:
 
 
 def factorize(weight: torch.Tensor, h: int, w: int, backend: str = "complex",
-              explicit: bool = False) -> SpectralFactorization:
-    """Factorize every Fourier block once (LU); with ``explicit`` also form the inverse blocks."""
+              explicit: bool = True, validate: bool = True) -> SpectralFactorization:
+    """Factorize every Fourier block once (LU) and, unless ``explicit=False``, form the inverse blocks.
+
+    Differentiable in ``weight`` (the inverse blocks and ``logabsdet``).
+    """
     check_backend(backend)
-    blocks = spectrum(weight, h, w)  # (h, w', c, c)
+    blocks = spectrum(weight, h, w, validate)  # (h, w', c, c)
     c = blocks.shape[-1]
-    LU, pivots, info = _lu(blocks.reshape(-1, c, c), backend)  # (h*w', n, n)
-    norm1 = _norm1(blocks.reshape(-1, c, c)).real.detach()
-    fact = SpectralFactorization(LU, pivots, backend, _total(_logabsdet_of_lu(LU, backend).view(h, -1), w),
-                                 norm1, h, w)
-    if explicit:
-        eye = torch.eye(LU.shape[-1], dtype=LU.dtype, device=LU.device).expand_as(LU)
-        inverses = torch.linalg.lu_solve(LU, pivots, eye)
-        if backend == "lifted":
-            inverses = lifting.unlift(inverses, check=False)
-        condition = torch.nan_to_num(norm1 * _norm1(inverses).detach(), nan=math.inf)
-        fact.inverse_blocks = inverses
-        fact.condition = torch.where(info > 0, torch.full_like(condition, math.inf), condition)
-    return fact
+    blocks = blocks.reshape(-1, c, c)
+    LU, pivots, info = _lu(blocks, backend)  # (h*w', n, n)
+    norm1 = _norm1(blocks.detach())
+    lad = _block_logabsdet(LU, norm1, backend)
+    mult = _multiplicity_table(h, w, weight.dtype, weight.device)
+    fact = SpectralFactorization(LU, pivots, backend, (lad * mult).sum(), norm1, h, w,
+                                 weight=weight.detach().clone(), singular=(lad.detach() == -math.inf) | (info > 0))
+    return fact.complete() if explicit else fact
 
 
 def inverse(
@@ -291,24 +410,36 @@ def inverse(
     backend: str = "complex",
     factorization: SpectralFactorization | None = None,
     max_condition: float | None = None,
+    validate: bool = True,
 ) -> torch.Tensor:
     """The ``x`` with ``circular_conv(x, weight, bias) = y``: equation (1) of the paper.
 
-    Pass a ``factorization`` from :func:`factorize` to reuse it across calls. Raises
-    :class:`NotInvertibleError` (naming the worst frequency and its condition number) instead of
-    returning a wrong answer.
+    Pass a ``factorization`` from :func:`factorize` to reuse it across calls; one made for another
+    weight or image size is refused. Raises :class:`NotInvertibleError` (naming the worst frequency
+    and its exact condition number, :func:`condition_numbers`) when a block's condition number
+    exceeds ``max_condition`` (default :func:`condition_limit`), instead of returning a wrong
+    answer. A batch of 0 images gives an empty result.
     """
-    _check_pair(y, weight, "y")
+    if validate:
+        _check_pair(y, weight, bias, "y")
+        check_backend(backend)
     h, w = y.shape[-2:]
     if factorization is None:
-        factorization = factorize(weight, h, w, backend)
-    elif (factorization.h, factorization.w) != (h, w):
-        raise ValueError(f"factorization is for {factorization.h}x{factorization.w} images, y is {h}x{w}")
-    if bias is not None:
-        y = y - bias.view(1, -1, 1, 1)
-    Xf, condition = factorization.solve(to_frequencies(y))  # (h*w', c, B)
-    factorization.check_invertible(condition, max_condition)
-    return from_frequencies(Xf, h, w)
+        factorization = factorize(weight, h, w, backend, validate=False)
+    elif validate:
+        _check_factorization(factorization, weight, h, w)
+    factorization.check_invertible(max_condition)
+    return _apply(factorization.complete().inverse_blocks, y, bias, inverse=True)
+
+
+def _check_factorization(fact: SpectralFactorization, weight: torch.Tensor, h: int, w: int) -> None:
+    if not isinstance(fact, SpectralFactorization):
+        raise TypeError(f"factorization must come from iconv.fourier.factorize, got {type(fact).__name__}")
+    if (fact.h, fact.w) != (h, w):
+        raise ValueError(f"factorization is for {fact.h}x{fact.w} images, y is {h}x{w}")
+    if not fact.matches(weight):
+        raise ValueError("factorization was made for another weight (or dtype/device) than the one given; "
+                         "call iconv.fourier.factorize(weight, h, w) again")
 
 
 @torch.no_grad()
@@ -317,6 +448,6 @@ def condition_numbers(weight: torch.Tensor, h: int, w: int, backend: str = "comp
 
     The one definition iconv uses everywhere (the singularity rule of :func:`inverse`, the layers'
     and models' diagnostics): 1-norms with moduli :math:`|\Re z| + |\Im z|`, from the explicit
-    inverse blocks; ``inf`` for an exactly singular block.
+    inverse blocks; ``inf`` for a block singular to working precision.
     """
     return factorize(weight, h, w, backend, explicit=True).condition.view(h, w // 2 + 1)

@@ -1,4 +1,4 @@
-"""SneakyReLU: the smooth, bijective LeakyReLU of Finzi et al. (2019).
+r"""SneakyReLU: the smooth, bijective LeakyReLU of Finzi et al. (2019).
 
 Finzi, Izmailov, Maddox, Kirichenko, Wilson, "Invertible Convolutional Networks" (2019),
 section "Smooth Bijective Activation Function":
@@ -8,164 +8,354 @@ section "Smooth Bijective Activation Function":
 where s in (0, 1) is the slope as x -> -inf (the slope tends to 1 as x -> +inf). sigma is smooth,
 strictly increasing, maps R onto R, and has a closed-form inverse.
 
-The textbook formulas lose every digit in float32 for large |x| (sqrt(1 + x^2) - 1 and
-x + alpha sqrt(1 + x^2) cancel, x^2 overflows). Below, every branch is rewritten so that it only
-adds terms of the same sign, and only forms bounded ratios, so forward, inverse and log-derivative
-are accurate to a few ulps over the whole float range we test (|x| up to 1e30 in float32). Notation:
+Accuracy. The textbook formulas lose every digit in float32 for large |x| (sqrt(1 + x^2) - 1 and
+x + alpha sqrt(1 + x^2) cancel, x^2 overflows). Below, every quantity is written so that it only
+adds terms of the same sign (or subtracts a term at most half as large) and only forms bounded
+ratios, so forward, inverse and log-derivative are within a few ulps of the exact values over the
+whole float range (tested against mpmath for |x| up to 1e30 in float32). Notation:
 
-    r = hypot(x, 1) = sqrt(1 + x^2),   c = 1 / (1 + alpha) = (1 + s) / 2,
-    1 - alpha^2 = 4 s / (1 + s)^2      (computed this way: no cancellation as s -> 0).
+    a = |x|,   r = hypot(x, 1) = sqrt(1 + x^2),   i = 1 / (r + a)   (so r - a = i),
+    c = 1 / (1 + alpha) = (1 + s) / 2,   h = alpha c = (1 - s) / 2,   k = copysign(h, x),
+    B = 1 - a / (r + 1) = (1 + i) / (r + 1),      D = 1 - a / r = i / r,
+
+all positive and free of cancellation. With them, for either sign of x (k = +h: c + k = 1;
+k = -h: c + k = s):
+
+    sigma(x)       = x ((c + k) - k B),
+    sigma'(x)      = (c + k) - k D            (= c (1 + alpha x / r)),
+    sigma'(x) - 1  = (k - h) - k D,
+
+so one pass over x (one ``hypot``, a handful of multiply-adds) gives sigma, sigma' and
+log sigma' together; :class:`SneakyReLU` uses that fused pass. The log-derivative is
+``log1p(sigma' - 1)`` where sigma' >= 1/2 (accurate down to log sigma' ~ -1e-61) and
+``log(sigma')`` where sigma' < 1/2 (x << 0 with a slope below 1/2, where log1p would amplify the
+rounding of sigma' - 1).
+
+Derivatives. Every public function is a :class:`torch.autograd.Function` with the analytic
+derivative, so no gradient depends on how a torch release differentiates ``clamp``, ``abs`` or
+``where`` at their edges (torch 2.14 changed ``clamp``'s gradient at its bound from 1 to 0, which
+made autograd through the earlier clamp-split formulas return 0 at x = 0). With u = x / r and
+q = 1 / r:
+
+    sigma'(x)            = c (1 + alpha u),
+    sigma''(x)           = h q^3,
+    (log sigma')'(x)     = h q^3 / sigma'(x),
+    (sigma^-1)'(y)       = 1 / sigma'(sigma^-1(y)).
+
+The backward passes evaluate sigma' by :func:`sneaky_relu_derivative`, a smooth, differentiable
+formula: ``torch.where(x >= 0, c (1 + alpha u), c ((1 - alpha^2) + alpha^2 q^2) / (1 - alpha u))``,
+two expressions of the *same* analytic function, both finite for every x, so the branch taken at
+x = 0 (or anywhere) has the true derivative and ``where`` only routes it. Hence every function is
+also twice differentiable (``gradgradcheck``), including at the branch points.
 """
 from __future__ import annotations
 
-import math
 import numbers
+from typing import NamedTuple
 
 import torch
-from torch import nn
 
 from ..checks import check_finite
 from .base import InvertibleModule, at_boundary
 
+__all__ = ["SneakyReLU", "SneakyReLUWithLogDerivative", "sneaky_relu", "sneaky_relu_derivative",
+           "sneaky_relu_inverse", "sneaky_relu_log_derivative"]
 
-def _constants(slope: float) -> tuple[float, float, float]:
-    """Validate ``slope`` and return (alpha, c = 1/(1+alpha), 1 - alpha^2), all in float64."""
+
+class _Constants(NamedTuple):
+    s: float  # slope as x -> -inf
+    alpha: float  # (1 - s) / (1 + s)
+    c: float  # 1 / (1 + alpha) = (1 + s) / 2
+    h: float  # alpha c = (1 - s) / 2
+    one_m_a2: float  # 1 - alpha^2 = 4 s / (1 + s)^2 (no cancellation as s -> 0)
+
+
+def _constants(slope: float) -> _Constants:
+    """Validate ``slope`` and return its constants, all in float64."""
     if isinstance(slope, bool) or not isinstance(slope, numbers.Real):
         raise TypeError(f"slope must be a real number in (0, 1), got {slope!r} of type {type(slope).__name__}")
     s = float(slope)
     if not 0.0 < s < 1.0:  # also rejects NaN
         raise ValueError(f"slope must lie strictly between 0 and 1 (the slope of SneakyReLU as x -> -inf), got {slope!r}")
-    return (1.0 - s) / (1.0 + s), (1.0 + s) / 2.0, 4.0 * s / (1.0 + s) ** 2
+    return _Constants(s, (1.0 - s) / (1.0 + s), (1.0 + s) / 2.0, (1.0 - s) / 2.0, 4.0 * s / (1.0 + s) ** 2)
 
 
 def _check_tensor(x: torch.Tensor, name: str) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
+    if x.dtype not in (torch.float32, torch.float64):
         raise TypeError(f"{name} must be a floating tensor (float32 or float64), got dtype {x.dtype}")
     check_finite(x, name)
+
+
+# ------------------------------------------------------------------ the fused, cancellation-free pass
+# Plain tensor arithmetic, run without autograd (inside the Functions' forward): values only. Each
+# op is a full sweep over the tensor, so the count matters: no ``where``/``copysign`` (both several
+# times slower than a multiply on the CPU), one square root, in-place updates where possible.
+
+_BIG = 2.0**50  # beyond it sqrt(1 + x^2) = |x| to working precision; min(|x|, 2^50)^2 cannot overflow
+
+
+def _shared(x: torch.Tensor, k: _Constants) -> tuple[torch.Tensor, ...]:
+    """``a = |x|``, ``r = sqrt(1 + x^2)``, ``i = 1 / (r + a)``, ``kh = h sign(x)`` and ``base = (kh + h) + s``.
+
+    ``r = max(sqrt(1 + min(|x|, 2^50)^2), |x|)`` (no overflow of x^2, about as accurate as
+    ``hypot`` and several times cheaper). ``base`` is 1 for x > 0, exactly s for x < 0 (c - h would
+    cancel for small s) and c at x = 0, where kh = 0 also gives sigma' = c and sigma' - 1 = -h.
+    """
+    a = x.abs()
+    r = a.clamp(max=_BIG)
+    r = torch.maximum(r.mul_(r).add_(1).sqrt_(), a)
+    i = torch.add(r, a).reciprocal_()
+    kh = x.sign().mul_(k.h)
+    base = torch.add(kh, k.h).add_(k.s)
+    return a, r, i, kh, base
+
+
+def _fused(x: torch.Tensor, k: _Constants, derivative: bool = True, log: bool = True):
+    """One pass: ``(sigma, sigma', log sigma', (log sigma')')``, stopping early as asked (None for the rest).
+
+    sigma = x (base - kh B), B = (1 + i) / (r + 1); sigma' = base - kh D with D = i / r; and
+    sigma' - 1 = -(p D + (2h - p)(1 + w)) / 2 with p = kh + h (2h for x > 0, 0 for x < 0, h at 0)
+    and w = |x| / r: -h D for x > 0, -h (1 + w) for x < 0, both without cancellation (the form
+    (kh - h) - kh D = -h (2 - D) would lose a few bits near x = 0-);
+    log sigma' = log1p(sigma' - 1) where sigma' >= 1/2, log(sigma') where sigma' < 1/2
+    (sigma' >= s: only for slopes below 1/2); (log sigma')' = h r^-3 / sigma'.
+    """
+    a, r, i, kh, base = _shared(x, k)
+    b = torch.add(i, 1).div_(r + 1)
+    y = torch.addcmul(base, kh, b, value=-1).mul_(x)
+    if not derivative:
+        return y, None, None, None
+    d = i.div_(r)
+    dprime = torch.addcmul(base, kh, d, value=-1)
+    if not log:
+        return y, dprime, None, None
+    p = kh.add_(k.h)  # kh is not needed any more
+    log_derivative = torch.add(a.div_(r), 1).mul_(torch.rsub(p, 2 * k.h)).addcmul_(p, d).mul_(-0.5).log1p_()
+    if k.s < 0.5:  # lerp with weights 0 or 1 selects exactly, and is cheaper than where
+        log_derivative.lerp_(dprime.log(), (dprime < 0.5).to(dprime.dtype))
+    slope = r.pow_(-3).div_(dprime).mul_(k.h)
+    return y, dprime, log_derivative, slope
+
+
+def _derivative_fast(x: torch.Tensor, k: _Constants) -> torch.Tensor:
+    """sigma'(x) = base - kh D, values only."""
+    _, r, i, kh, base = _shared(x, k)
+    return torch.addcmul(base, kh, i.div_(r), value=-1)
+
+
+def _inverse_values(y: torch.Tensor, k: _Constants) -> torch.Tensor:
+    r"""sigma^{-1}(y), values only.
+
+    Let zeta = y + h = c z with z = (1 + alpha) y + alpha = x + alpha r. Squaring z - x = alpha r
+    gives (1 - alpha^2) x^2 - 2 z x + (z^2 - alpha^2) = 0, whose root with x <= z is
+    x = (z - alpha R) / (1 - alpha^2), R = hypot(z, sqrt(1 - alpha^2)); multiplied by c
+    (c sqrt(1 - alpha^2) = sqrt(s), c (1 - alpha^2) = 2 s / (1 + s)):
+
+        x = (zeta - alpha hypot(zeta, sqrt s)) (1 + s) / (2 s)                    (zeta < 0),
+
+    a sum of negative terms. For zeta >= 0 multiply by (z + alpha R) / (z + alpha R) and use
+    z^2 - alpha^2 R^2 = (1 - alpha^2)(z^2 - alpha^2), z - alpha = y / c:
+
+        x = y (zeta/2 + h/2) / (c (zeta/2 + alpha hypot(zeta/2, sqrt(s)/2)))    (zeta >= 0),
+
+    halved so that nothing overflows even at y = 3e38 in float32 (x is then about y). Each branch
+    sees zeta clamped to its own side (values only: the derivative is analytic, see the module).
+    For y below about -s * (largest float) the true inverse is not representable and is -inf.
+    """
+    sqrt_s = k.s**0.5
+    zeta = y + k.h
+    half = zeta.clamp(min=0).mul_(0.5)
+    ratio = torch.add(half, k.h / 2).div_(
+        torch.hypot(half, half.new_full((), sqrt_s / 2)).mul_(k.alpha).add_(half).mul_(k.c))
+    pos = ratio.mul_(y)
+    neg = zeta.clamp(max=0)
+    neg = torch.hypot(neg, neg.new_full((), sqrt_s)).mul_(-k.alpha).add_(neg).mul_((1 + k.s) / (2 * k.s))
+    return torch.where(zeta >= 0, pos, neg)
+
+
+# ------------------------------------------------------------------ smooth, differentiable derivatives
+
+
+def _derivative_smooth(x: torch.Tensor, k: _Constants) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(sigma'(x), q = 1 / hypot(x, 1))`` with ordinary (twice differentiable) torch operations.
+
+    sigma' = c (1 + alpha u) for x >= 0 and c ((1 - alpha^2) + alpha^2 q^2) / (1 - alpha u) for
+    x < 0 (u = x q, 1 - u^2 = q^2): the same analytic function twice, each finite for every x, so
+    the derivative through ``where`` is the true one on both sides of 0 and at 0.
+    """
+    q = torch.hypot(x, torch.ones_like(x)).reciprocal()
+    u = x * q
+    right = k.c * (1 + k.alpha * u)
+    left = k.c * (k.one_m_a2 + (k.alpha * q) ** 2) / (1 - k.alpha * u)
+    return torch.where(x >= 0, right, left), q
+
+
+def _log_derivative_slope(dprime: torch.Tensor, q: torch.Tensor, k: _Constants) -> torch.Tensor:
+    """(log sigma')'(x) = sigma''(x) / sigma'(x) = h q^3 / sigma'(x) (finite: q^3 underflows to 0, never overflows)."""
+    return k.h * q * q * q / dprime
+
+
+def sneaky_relu_derivative(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
+    """sigma'(x) = c (1 + alpha x / sqrt(1 + x^2)), elementwise, strictly between s and 1.
+
+    Differentiable any number of times with ordinary torch operations (see the module docstring);
+    it is what the backward passes use when a graph of the gradient is asked for.
+    """
+    k = _constants(slope)
+    _check_tensor(x, "x")
+    return _derivative_smooth(x, k)[0]
+
+
+# ------------------------------------------------------------------ autograd Functions
+# Each backward has two paths. Plain backward: the analytic derivative from values saved by the
+# forward (a multiply or two). create_graph=True (torch.is_grad_enabled() inside backward): the same
+# derivative rebuilt from differentiable formulas, so that second derivatives are right. Functions
+# whose output is sigma(x) save that output, not x (the next layer keeps it alive anyway), and
+# rebuild x = sigma^{-1}(y) on the second path.
+
+
+def _input_from_output(y: torch.Tensor, k: _Constants) -> torch.Tensor:
+    return _InverseFunction.apply(y, k)
+
+
+class _SneakyReLUFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        y, dprime, _, _ = _fused(x, k, derivative=ctx.needs_input_grad[0], log=False)
+        ctx.save_for_backward(y, dprime)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):
+        y, dprime = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            dprime = _derivative_smooth(_input_from_output(y, ctx.k), ctx.k)[0]
+        return grad * dprime, None
+
+
+class _LogDerivativeFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, k):
+        ctx.k = k
+        _, _, log_derivative, slope = _fused(x, k)
+        ctx.save_for_backward(x, slope)
+        return log_derivative
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, slope = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            slope = _log_derivative_slope(*_derivative_smooth(x, ctx.k), ctx.k)
+        return grad * slope, None
+
+
+class _InverseFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y, k):
+        ctx.k = k
+        x = _inverse_values(y, k)
+        ctx.save_for_backward(x)  # an output: double backward differentiates through it
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        (x,) = ctx.saved_tensors
+        if torch.is_grad_enabled():
+            return grad / _derivative_smooth(x, ctx.k)[0], None
+        return grad / _derivative_fast(x, ctx.k), None
+
+
+class SneakyReLUWithLogDerivative(torch.autograd.Function):
+    r"""``(sigma(x), log sigma'(x))`` elementwise in one fused pass: ``SneakyReLUWithLogDerivative.apply(x, slope)``.
+
+    Forward: the cancellation-free pass of the module docstring (one square root, one ``log1p``,
+    for slopes below 1/2 one ``log``, and about twenty multiply-adds), which also yields the two
+    derivatives the backward needs. Backward, analytic: with :math:`q = 1/\sqrt{1 + x^2}`,
+
+    .. math:: \bar x = \bar y\,\sigma'(x) + \overline{\log\sigma'}\;\frac{h\,q^3}{\sigma'(x)},
+              \qquad h = \frac{1 - s}{2},
+
+    one multiply-add of saved tensors. Saved: the output sigma(x) (kept alive by the next layer
+    anyway), sigma'(x) and h q^3 / sigma'(x). With ``create_graph=True`` the backward is rebuilt
+    from :func:`sneaky_relu_derivative`'s smooth formulas at x = sigma^{-1}(y), so second
+    derivatives are right too.
+    """
+
+    @staticmethod
+    def forward(ctx, x, slope):
+        k = _constants(slope)
+        y, dprime, log_derivative, slope_of_log = _fused(x, k)
+        ctx.k = k
+        ctx.save_for_backward(y, dprime, slope_of_log)
+        ctx.set_materialize_grads(False)
+        return y, log_derivative
+
+    @staticmethod
+    def backward(ctx, grad_y, grad_log_derivative):
+        y, dprime, slope_of_log = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas
+            dprime, q = _derivative_smooth(_input_from_output(y, ctx.k), ctx.k)
+            slope_of_log = _log_derivative_slope(dprime, q, ctx.k)
+        if grad_y is None and grad_log_derivative is None:
+            return None, None
+        if grad_log_derivative is None:
+            return grad_y * dprime, None
+        if grad_y is None:
+            return grad_log_derivative * slope_of_log, None
+        return torch.addcmul(grad_y * dprime, grad_log_derivative, slope_of_log), None
+
+
+# ------------------------------------------------------------------ the public functions
 
 
 def sneaky_relu(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
     """sigma(x) = (x + alpha (sqrt(1 + x^2) - 1)) / (1 + alpha), elementwise.
 
-    With sqrt(1 + x^2) - 1 = x^2 / (r + 1) and v = x / (r + 1) in (-1, 1):
-
-        sigma(x) = c x (1 + alpha v).
-
-    For x >= 0 both terms of 1 + alpha v are positive. For x < 0 they cancel (badly when s is
-    small), so use 1 - v^2 = 2 / (r + 1) to write 1 + alpha v = (1 - alpha^2 v^2) / (1 - alpha v):
-
-        sigma(x) = c x ((1 - alpha^2) + 2 alpha^2 / (r + 1)) / (1 - alpha v)      (x < 0),
-
-    a sum and a quotient of positive numbers. Each branch is evaluated on x clamped into its own
-    half-line so that the branch torch.where discards stays finite (no NaN gradients).
+    Computed as x ((c + k) - k B) (module docstring): for x >= 0 that is x (1 - h B), for x < 0
+    x (s + h B), with B = 1 - |x| / (r + 1) in (0, 1]; no cancellation, no overflow. The gradient
+    is the analytic sigma'(x) (:func:`sneaky_relu_derivative`).
     """
-    alpha, c, one_m_a2 = _constants(slope)
+    k = _constants(slope)
     _check_tensor(x, "x")
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    vp = xp / (torch.hypot(xp, torch.ones_like(xp)) + 1)
-    rn = torch.hypot(xn, torch.ones_like(xn))
-    vn = xn / (rn + 1)
-    pos = c * xp * (1 + alpha * vp)
-    neg = c * xn * ((one_m_a2 + 2 * alpha**2 / (rn + 1)) / (1 - alpha * vn))
-    return torch.where(x >= 0, pos, neg)
+    return _SneakyReLUFunction.apply(x, k)
 
 
 def sneaky_relu_inverse(y: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
     """Closed-form inverse of :func:`sneaky_relu`, elementwise.
 
-    Let z = (1 + alpha) y + alpha = x + alpha r. Squaring z - x = alpha r gives the quadratic
-    (1 - alpha^2) x^2 - 2 z x + (z^2 - alpha^2) = 0, whose root with x <= z (needed because
-    z - x = alpha r >= 0) is
-
-        x = (z - alpha R) / (1 - alpha^2),    R = hypot(z, sqrt(1 - alpha^2)).
-
-    That is cancellation-free for z < 0. For z >= 0 multiply by (z + alpha R) / (z + alpha R) and
-    use z^2 - alpha^2 R^2 = (1 - alpha^2)(z^2 - alpha^2):
-
-        x = (z - alpha)(z + alpha) / (z + alpha R),   with z - alpha = (1 + alpha) y taken from y
-                                                      directly (z - alpha would cancel for small y).
-    z >= 0 means y >= -alpha c; each branch sees its input clamped to its own side.
+    See ``_inverse_values`` for the two cancellation-free branches (split at y = -(1 - s)/2, where
+    z = (1 + alpha) y + alpha = 0). The gradient is the analytic 1 / sigma'(sigma^{-1}(y)).
     """
-    alpha, c, one_m_a2 = _constants(slope)
+    k = _constants(slope)
     _check_tensor(y, "y")
-    sq = math.sqrt(one_m_a2)  # sqrt(1 - alpha^2) = 2 sqrt(s) / (1 + s)
-    z = y / c + alpha
-    # z >= 0 branch
-    yp = y.clamp(min=-alpha * c)
-    zp = (yp / c + alpha).clamp(min=0)
-    pos = (yp / c) * ((zp + alpha) / (zp + alpha * torch.hypot(zp, torch.full_like(zp, sq))))
-    # z < 0 branch
-    zn = z.clamp(max=0)
-    neg = (zn - alpha * torch.hypot(zn, torch.full_like(zn, sq))) / one_m_a2
-    return torch.where(z >= 0, pos, neg)
+    return _InverseFunction.apply(y, k)
 
 
 def sneaky_relu_log_derivative(x: torch.Tensor, slope: float = 0.1) -> torch.Tensor:
     """log sigma'(x) = log(1 + alpha x / r) - log(1 + alpha), elementwise; r = sqrt(1 + x^2).
 
-    With u = x / r in (-1, 1), sigma'(x) = c (1 + alpha u), strictly between s and 1. Two
-    cancellation-free forms of it:
-
-        sigma'(x) - 1 = -alpha c (1 - u),   1 - u = 1 / (r (r + x)) for x >= 0, 1 + |x| / r for x < 0;
-        sigma'(x)     = c ((1 - alpha^2) + (alpha / r)^2) / (1 - alpha u)                  (x < 0),
-
-    the second being (1 + (1 - alpha^2) x^2) / (r (r - alpha x)) divided through by r^2
-    (no x^2 overflow). We return log1p(sigma' - 1) where sigma' >= 1/2 (always the case for x >= 0,
-    and accurate even where log sigma' ~ -1/x^2) and log(sigma') where sigma' < 1/2 (x << 0 with a
-    small slope, where log1p would amplify rounding); both are then within a few ulps.
+    sigma'(x) = (c + k) - k D and sigma'(x) - 1 = (k - h) - k D with D = 1 - |x| / r (module
+    docstring): for x >= 0, sigma' - 1 = -h D; for x < 0, sigma' = s + h D and
+    sigma' - 1 = -(1 - s) + h D (h D <= (1 - s)/2: at most half). Returns log1p(sigma' - 1) where
+    sigma' >= 1/2 (always for x >= 0, accurate even where log sigma' ~ -1/x^2) and log(sigma')
+    where sigma' < 1/2; both are then within a few ulps. The gradient is the analytic
+    sigma''/sigma' = h q^3 / sigma'(x).
     """
-    alpha, c, one_m_a2 = _constants(slope)
+    k = _constants(slope)
     _check_tensor(x, "x")
-    xp, xn = x.clamp(min=0), x.clamp(max=0)
-    rp = torch.hypot(xp, torch.ones_like(xp))
-    rn = torch.hypot(xn, torch.ones_like(xn))
-    w = -alpha * c * torch.where(x >= 0, 1 / rp / (rp + xp), 1 - xn / rn)  # sigma'(x) - 1
-    d = c * (one_m_a2 + (alpha / rn) ** 2) / (1 - alpha * (xn / rn))  # sigma'(x) for x < 0; c for x >= 0
-    return torch.where(d < 0.5, torch.log(d), torch.log1p(w))
-
-
-class SneakyReLUWithLogDerivative(torch.autograd.Function):
-    r"""``(sigma(x), log sigma'(x))`` with hand-written gradients; ``SneakyReLUWithLogDerivative.apply(x, slope)`` (values from the accurate formulas above).
-
-    Autograd through the cancellation-free formulas of :func:`iconv.sneaky_relu` records some
-    twenty elementwise ops per layer; the analytic derivatives need three. With
-    :math:`r = \sqrt{1 + x^2}`, :math:`\sigma'(x) = c(1 + \alpha x / r)` and
-
-    .. math:: \frac{d}{dx}\log\sigma'(x) = \frac{\sigma''(x)}{\sigma'(x)}
-              = \frac{\alpha}{r^2 (r + \alpha x)}
-              = \frac{\alpha (1 - \alpha u)}{r^3\,(r^{-2} + (1 - \alpha^2) u^2)}, \qquad u = x / r,
-
-    the last form free of cancellation and overflow (it uses
-    :math:`(r + \alpha x)(r - \alpha x) = 1 + (1 - \alpha^2)x^2`, divided by :math:`r^2`).
-    """
-
-    @staticmethod
-    def forward(ctx, x, slope):
-        y = sneaky_relu(x, slope)
-        log_derivative = sneaky_relu_log_derivative(x, slope)
-        ctx.save_for_backward(x, log_derivative)
-        ctx.slope = slope
-        return y, log_derivative
-
-    @staticmethod
-    def backward(ctx, grad_y, grad_log_derivative):
-        x, log_derivative = ctx.saved_tensors
-        alpha, _, one_m_a2 = _constants(ctx.slope)
-        grad_x = grad_y * log_derivative.exp()
-        r = torch.hypot(x, torch.ones_like(x))  # no overflow of x^2
-        u = x / r  # in (-1, 1); (r + alpha x)(r - alpha x) / r^2 = 1/r^2 + (1 - alpha^2) u^2
-        second = alpha * (1 - alpha * u) / ((1 / r) ** 2 + one_m_a2 * u * u) / r / r / r  # ~ 1/|x|^3
-        return grad_x + grad_log_derivative * second, None
+    return _LogDerivativeFunction.apply(x, k)
 
 
 class SneakyReLU(InvertibleModule):
     """Elementwise SneakyReLU as an invertible layer (Finzi et al., 2019).
 
     forward(x) -> (sigma(x), logabsdet) with logabsdet = sum over all non-batch entries of
-    log sigma'(x), shape (B,) (the Jacobian is diagonal); inverse(y) -> sigma^{-1}(y).
-    Works on any (B, ...) tensor, typically (B, C, H, W).
+    log sigma'(x), shape (B,) (the Jacobian is diagonal), both from one fused pass
+    (:class:`SneakyReLUWithLogDerivative`); inverse(y) -> sigma^{-1}(y).
+    Works on any (B, ...) tensor, typically (B, C, H, W), including B = 0.
     """
 
     def __init__(self, slope: float = 0.1):
@@ -178,13 +368,15 @@ class SneakyReLU(InvertibleModule):
             _check_batched(x, "input")
             _check_tensor(x, "input")
         y, log_derivative = SneakyReLUWithLogDerivative.apply(x, self.slope)  # (B, ...) twice
-        return y, log_derivative.reshape(x.shape[0], -1).sum(1)  # (B,)
+        if x.dim() > 1:
+            log_derivative = log_derivative.flatten(1).sum(1)  # (B,)
+        return y, log_derivative
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
         if at_boundary():
             _check_batched(x, "input")
             _check_tensor(x, "input")
-        return SneakyReLUWithLogDerivative.apply(x, self.slope)[0]
+        return _SneakyReLUFunction.apply(x, _constants(self.slope))
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_batched(y, "input")

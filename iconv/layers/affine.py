@@ -15,7 +15,8 @@ import math
 import torch
 from torch import nn
 
-from .base import InvertibleModule
+from ..checks import check_image
+from .base import InvertibleModule, at_boundary
 
 __all__ = ["ActNorm", "LogitTransform", "PixelAffine"]
 
@@ -70,16 +71,26 @@ class ActNorm(InvertibleModule):
     :meth:`initialize_from` on every ActNorm in order); nothing happens behind the user's back in
     ``forward``. Call it with the same batch on every process (or only on rank 0 before DDP
     broadcasts the parameters) and multi-GPU training stays consistent.
+
+    A channel whose standard deviation on that batch is below ``min_std`` (a constant batch, a
+    single image after a per-pixel normalisation) carries no scale information: it is only
+    centred, its scale stays 1. Dividing by such a deviation instead gave scales of 1e6 that
+    compound from layer to layer (bits/dim of 1e15 after initialising a flow on one image).
     """
 
-    def __init__(self, channels: int):
+    def __init__(self, channels: int, min_std: float = 1e-3):
         super().__init__()
-        self.channels = channels
+        self.channels, self.min_std = channels, float(min_std)
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self._initialize_next = False
 
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if at_boundary():
+            check_image(x, name, channels=self.channels, dtype=self.log_scale.dtype)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(x, "x")
         if self._initialize_next:
             self.initialize_from(x)
         h, w = x.shape[-2:]
@@ -87,19 +98,27 @@ class ActNorm(InvertibleModule):
         return y, (h * w * self.log_scale.sum()).to(x.dtype).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check(y, "y")
         return (y - self.bias.view(1, -1, 1, 1)) * torch.exp(-self.log_scale).view(1, -1, 1, 1)
 
     @torch.no_grad()
-    def initialize_from(self, x: torch.Tensor, eps: float = 1e-6) -> None:
-        """Set ``s, b`` so that this batch leaves the layer with zero mean and unit variance per channel."""
+    def initialize_from(self, x: torch.Tensor) -> None:
+        """Set ``s, b`` so that this batch leaves the layer with zero mean and unit variance per channel.
+
+        Channels with standard deviation below ``min_std`` are only centred (scale 1).
+        """
+        check_image(x, "x", channels=self.channels, dtype=self.log_scale.dtype)
+        if x.shape[0] == 0:
+            raise ValueError("initialize_from needs at least one image, got a batch of 0")
         self._initialize_next = False
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3), unbiased=False)
-        self.log_scale.copy_(-torch.log(std + eps))
-        self.bias.copy_(-mean / (std + eps))
+        std = torch.where(std < self.min_std, torch.ones_like(std), std)
+        self.log_scale.copy_(-torch.log(std))
+        self.bias.copy_(-mean / std)
 
     def extra_repr(self) -> str:
-        return str(self.channels)
+        return f"{self.channels}, min_std={self.min_std}"
 
 
 class PixelAffine(InvertibleModule):
@@ -122,18 +141,30 @@ class PixelAffine(InvertibleModule):
         self.bias = nn.Parameter(torch.zeros(self.shape))
         self._initialize_next = False
 
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        if at_boundary():
+            check_image(x, name, channels=self.shape[0], dtype=self.log_scale.dtype)
+            if tuple(x.shape[1:]) != self.shape:
+                raise ValueError(f"{name} has samples of shape {tuple(x.shape[1:])}, expected {self.shape}")
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self._check(x, "x")
         if self._initialize_next:
             self.initialize_from(x)
         y = x * self.log_scale.exp() + self.bias
         return y, self.log_scale.sum().to(x.dtype).expand(x.shape[0])
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        self._check(y, "y")
         return (y - self.bias) * torch.exp(-self.log_scale)
 
     @torch.no_grad()
     def initialize_from(self, x: torch.Tensor) -> None:
         """Per-pixel zero mean and unit variance on this batch (standard deviations floored at ``min_std``)."""
+        check_image(x, "x", channels=self.shape[0], dtype=self.log_scale.dtype)
+        if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
+            raise ValueError(f"initialize_from needs a batch of at least one {self.shape} sample, "
+                             f"got shape {tuple(x.shape)}")
         self._initialize_next = False
         std = x.std(dim=0, unbiased=False).clamp_min(self.min_std)
         self.log_scale.copy_(-torch.log(std))

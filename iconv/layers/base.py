@@ -26,11 +26,14 @@ from __future__ import annotations
 
 import contextlib
 import threading
+from collections import OrderedDict
 from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..checks import check_image
 
 __all__ = ["InvertibleModule", "InvertibleSequential", "MultiScale", "Forward", "at_boundary", "inside"]
 
@@ -77,32 +80,55 @@ class InvertibleModule(nn.Module):
 
 
 class InvertibleSequential(InvertibleModule, nn.Sequential):
-    """Composition ``f_L o ... o f_1`` of invertible modules: log-determinants add, the inverse runs backwards."""
+    r"""Composition :math:`f = f_L \circ \dots \circ f_1` of invertible modules.
+
+    * ``forward``: :math:`x_0 = x`, :math:`x_i = f_i(x_{i-1})`, and by the chain rule
+      :math:`\log|\det Df(x)| = \sum_i \log|\det Df_i(x_{i-1})|`;
+    * ``inverse``: :math:`x = f_1^{-1}(\dots f_L^{-1}(y))`, the layers backwards;
+    * ``output_shape``: the layers' ``output_shape`` composed.
+
+    Validation: the layer that meets the caller's input (the first in ``forward``, the last in
+    ``inverse``) runs at the caller's level, so it checks its input when the caller is the user;
+    the others run :func:`inside`. An empty sequence is the identity.
+    """
 
     def __init__(self, *layers: InvertibleModule):
-        for i, layer in enumerate(layers):
+        # One OrderedDict {name: layer} is accepted too, as nn.Sequential does (slicing builds one).
+        named = layers[0] if len(layers) == 1 and isinstance(layers[0], OrderedDict) else None
+        for i, layer in enumerate(named.values() if named is not None else layers):
             if not isinstance(layer, InvertibleModule):
                 raise TypeError(f"layer {i} of InvertibleSequential must be an iconv InvertibleModule, "
                                 f"got {type(layer).__name__}")
         nn.Sequential.__init__(self, *layers)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        total = x.new_zeros(x.shape[0])
+        if len(self) == 0:
+            return x, x.new_zeros(x.shape[0])
+        first, *rest = self
+        x, total = first(x)  # validates x when the caller is the user
         with inside():
-            for layer in self:
+            for layer in rest:
                 x, logabsdet = layer(x)
                 total = total + logabsdet
         return x, total
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
+        if len(self) == 0:
+            return y
+        *rest, last = self
+        y = last.inverse(y)  # validates y when the caller is the user
         with inside():
-            for layer in reversed(self):
+            for layer in reversed(rest):
                 y = layer.inverse(y)
         return y
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self) == 0:
+            return x
+        first, *rest = self
+        x = first.transform(x)
         with inside():
-            for layer in self:
+            for layer in rest:
                 x = layer.transform(x)
         return x
 
@@ -114,40 +140,74 @@ class InvertibleSequential(InvertibleModule, nn.Sequential):
 
 
 class MultiScale(InvertibleModule):
-    r"""Levels with factor-out between them (RealNVP's multi-scale architecture).
+    r"""Levels with factor-out between them (the multi-scale architecture of RealNVP and Glow).
 
-    ``MultiScale(levels, factor_out, in_channels)``: ``levels[0]`` runs on the input; after level ``i < L-1``
-    the first ``factor_out[i]`` channels are set aside and the rest enter ``levels[i + 1]``. The
-    output is ``[levels[-1] output, parts set aside, latest first]`` concatenated along channels,
-    each set-aside part brought to the last level's spatial size by space-to-depth
-    (``F.pixel_unshuffle``), so it needs every level after a split to shrink the image by a
-    power of two. Setting aside and packing are permutations: the log-determinant is the sum of
-    the levels'.
+    ``MultiScale(levels, factor_out, in_channels)`` with ``L`` levels :math:`g_0, \dots, g_{L-1}`
+    (each an :class:`InvertibleModule`, usually an :class:`InvertibleSequential` that starts with
+    a 2x2 downsampling) and ``L - 1`` channel counts :math:`n_i` = ``factor_out[i]``:
+
+    .. math::
+        h_0 = g_0(x), \qquad
+        (z_i, r_i) = (h_i[:n_i],\ h_i[n_i:]), \qquad
+        h_{i+1} = g_{i+1}(r_i) \quad (i < L - 1),
+
+    i.e. after level :math:`i` the *first* :math:`n_i` channels :math:`z_i` are set aside unchanged
+    and the *last* ones go on. The output is one image,
+
+    .. math:: y = \big[\, h_{L-1},\ S_{L-2}(z_{L-2}),\ \dots,\ S_0(z_0) \,\big]
+              \quad\text{(channels; latest part first)},
+
+    where :math:`S_i` is space-to-depth (``F.pixel_unshuffle``) by the ratio of part :math:`i`'s side
+    to the last level's, so every part has the last level's ``h x w``. Setting aside, concatenating
+    and :math:`S_i` permute entries, so
+
+    .. math:: \log|\det Dy(x)| = \sum_{i=0}^{L-1} \log|\det Dg_i|,
+
+    and the inverse unpacks :math:`y`, then runs :math:`r_{i-1} = g_i^{-1}(h_i)`,
+    :math:`h_{i-1} = [z_{i-1}, r_{i-1}]` from the last level down to :math:`x = g_0^{-1}(h_0)`.
+
+    Requirements, checked when the container is built: at least one level, one positive count per
+    split, each smaller than the channels the level outputs. Every part's side must be the last
+    level's times the same integer for height and width (:meth:`output_shape` says which part
+    cannot be packed otherwise); the ratios are fixed at construction (from the levels'
+    ``output_shape`` on a large probe image), so a level's downsampling factor must not depend
+    on the image size.
     """
 
     def __init__(self, levels: Iterable[InvertibleModule], factor_out: Sequence[int], in_channels: int):
         super().__init__()
         self.in_channels = int(in_channels)
+        if self.in_channels < 1:
+            raise ValueError(f"in_channels of MultiScale must be positive, got {in_channels!r}")
         self.levels = nn.ModuleList(levels)
+        if len(self.levels) == 0:
+            raise ValueError("MultiScale needs at least one level")
         for i, level in enumerate(self.levels):
             if not isinstance(level, InvertibleModule):
                 raise TypeError(f"level {i} of MultiScale must be an iconv InvertibleModule, got {type(level).__name__}")
         self.factor_out = [int(n) for n in factor_out]
         if len(self.factor_out) != len(self.levels) - 1:
-            raise ValueError(f"factor_out needs one channel count per split ({len(self.levels) - 1}), "
-                             f"got {list(factor_out)!r}")
+            raise ValueError(f"factor_out needs one channel count per split between the {len(self.levels)} levels "
+                             f"({len(self.levels) - 1}), got {list(factor_out)!r}")
         if any(n < 1 for n in self.factor_out):
             raise ValueError(f"factor_out must be positive channel counts, got {list(factor_out)!r}")
-        # Each part's side length over the last level's, from the static plan on a large probe image.
+        # Each part's side over the last level's, and the packed channel counts, from a large probe image.
         probe = 1 << 12
-        parts, (_, h, _) = self._plan((self.in_channels, probe, probe))
+        parts, (last_channels, h, _), _ = self._plan((self.in_channels, probe, probe))
         self._scales = [ph // h for _, ph, _ in parts]
+        self.out_channels = self.output_shape((self.in_channels, probe, probe))[0]
+        self._last_channels = last_channels
 
-    def _plan(self, shape: Sequence[int]) -> tuple[list[Shape], Shape]:
-        """Shapes of the set-aside parts and of the last level's output, for an input of ``shape``."""
-        parts = []
+    def level_shapes(self, shape: Sequence[int]) -> list[Shape]:
+        """The shape of one sample entering each level, for an input sample of ``shape``."""
+        return self._plan(shape)[2]
+
+    def _plan(self, shape: Sequence[int]) -> tuple[list[Shape], Shape, list[Shape]]:
+        """Shapes of the set-aside parts, of the last level's output and of each level's input."""
+        parts, inputs = [], []
         shape = tuple(shape)
         for i, level in enumerate(self.levels):
+            inputs.append(shape)
             shape = level.output_shape(shape)
             if i < len(self.factor_out):
                 n = self.factor_out[i]
@@ -156,17 +216,26 @@ class MultiScale(InvertibleModule):
                                      f"{n} and keep any")
                 parts.append((n, *shape[1:]))
                 shape = (shape[0] - n, *shape[1:])
-        return parts, shape
+        return parts, shape, inputs
 
     def output_shape(self, shape: Sequence[int]) -> Shape:
-        parts, (c, h, w) = self._plan(shape)
-        for n, ph, pw in parts:
+        if len(shape) != 3 or int(shape[0]) != self.in_channels:
+            raise ValueError(f"MultiScale takes samples of shape ({self.in_channels}, H, W), got {tuple(shape)}")
+        parts, (c, h, w), _ = self._plan(shape)
+        for i, (n, ph, pw) in enumerate(parts):
             if ph % h or pw % w or ph // h != pw // w:
-                raise ValueError(f"a part set aside at {ph}x{pw} cannot be packed at the last level's {h}x{w}")
+                raise ValueError(f"the part set aside after level {i} is {ph}x{pw}; it cannot be packed at the last "
+                                 f"level's {h}x{w} (its sides must be the same multiple of the last level's)")
             c += n * (ph // h) ** 2
         return c, h, w
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image(x, "x", channels=self.in_channels)
+        self.output_shape(x.shape[1:])  # a clear error when the sizes do not fit the levels
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if at_boundary():
+            self._check_input(x)
         total = x.new_zeros(x.shape[0])
         aside = []
         with inside():
@@ -177,33 +246,46 @@ class MultiScale(InvertibleModule):
         return self._pack(x, aside), total
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
+        if at_boundary():
+            self._check_input(x)
         aside = []
         with inside():
             for i, level in enumerate(self.levels):
                 x = self._set_aside(i, level.transform(x), aside)
         return self._pack(x, aside)
 
-    def _set_aside(self, i: int, x: torch.Tensor, aside: list) -> torch.Tensor:
+    def _set_aside(self, i: int, x: torch.Tensor, aside: list[torch.Tensor]) -> torch.Tensor:
+        """After level ``i`` (not the last): append the first ``factor_out[i]`` channels to ``aside``, return the rest."""
         if i < len(self.factor_out):
             aside.append(x[:, : self.factor_out[i]])
             x = x[:, self.factor_out[i]:]
         return x
 
     def _pack(self, x: torch.Tensor, aside: list[torch.Tensor]) -> torch.Tensor:
-        h = x.shape[-2]
-        return torch.cat([x] + [F.pixel_unshuffle(z, z.shape[-2] // h) for z in reversed(aside)], 1)
+        """``[x, S(z_{L-2}), ..., S(z_0)]`` along channels; ``S`` = space-to-depth to ``x``'s size."""
+        packed = [F.pixel_unshuffle(z, s) for z, s in zip(aside, self._scales)]
+        return torch.cat([x] + packed[::-1], 1)
+
+    def _unpack(self, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Inverse of :meth:`_pack`: the last level's output and the parts, in level order."""
+        sizes = [n * s * s for n, s in zip(self.factor_out, self._scales)]  # packed channels of each part
+        last, *packed = torch.split(y, [self._last_channels] + sizes[::-1], 1)
+        aside = [F.pixel_shuffle(p, s) for p, s in zip(packed[::-1], self._scales)]
+        return last, aside
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        sizes = [n * s * s for n, s in zip(self.factor_out, self._scales)]  # packed channels of each part
-        pieces = torch.split(y, [y.shape[1] - sum(sizes)] + sizes[::-1], 1)
-        x = pieces[0]
-        aside = [F.pixel_shuffle(p, s) for p, s in zip(pieces[1:], self._scales[::-1])][::-1]
+        if at_boundary():
+            check_image(y, "y", channels=self.out_channels)
+        x, aside = self._unpack(y)
         with inside():
             for i in reversed(range(len(self.levels))):
                 if i < len(self.factor_out):
                     x = torch.cat([aside[i], x], 1)
                 x = self.levels[i].inverse(x)
         return x
+
+    def extra_repr(self) -> str:
+        return f"in_channels={self.in_channels}, factor_out={self.factor_out}"
 
 
 class Forward(nn.Module):

@@ -6,7 +6,7 @@ import math
 import torch
 from torch import nn
 
-from ..checks import check_image
+from ..checks import check_image, check_parameters
 from ..core import fourier
 from ..core.circular import circular_conv2d
 from ..core.threads import safe_factorization_threads
@@ -60,7 +60,7 @@ class InvertibleConv2d(InvertibleModule):
         self.weight = nn.Parameter(well_conditioned_weight(channels, kernel_size, init_scale))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
         self.max_condition = max_condition
-        self._cache: tuple | None = None  # (key, weight snapshot, factorization)
+        self._cache: tuple | None = None  # (key, factorization holding a copy of its weight)
         self.last_size: tuple[int, int] | None = None
 
     def extra_repr(self) -> str:
@@ -70,35 +70,43 @@ class InvertibleConv2d(InvertibleModule):
         return not (torch.is_grad_enabled() and self.weight.requires_grad)
 
     def factorization(self, h: int, w: int) -> fourier.SpectralFactorization:
-        """The spectrum's factorization for ``h x w`` images, from the cache when still valid."""
+        """The spectrum's factorization for ``h x w`` images, from the cache when still valid.
+
+        The cache is checked against a copy of the weight (one comparison of ``c^2 k^2`` numbers),
+        so any change, even one that bypasses autograd's version counter, invalidates it.
+        """
         if not self._no_grad_needed():
-            return fourier.factorize(self.weight, h, w, self.backend)
+            return fourier.factorize(self.weight, h, w, self.backend, validate=False)
         key = (h, w, self.backend, self.weight.dtype, self.weight.device)
         if self._cache is not None:
-            cached_key, snapshot, fact = self._cache
-            if cached_key == key and torch.equal(snapshot, self.weight):
+            cached_key, fact = self._cache
+            if cached_key == key and fact.matches(self.weight):
                 return fact
         with torch.no_grad():
-            fact = fourier.factorize(self.weight, h, w, self.backend, explicit=True)
-        self._cache = (key, self.weight.detach().clone(), fact)
+            fact = fourier.factorize(self.weight, h, w, self.backend, explicit=True, validate=False)
+        self._cache = (key, fact)
         return fact
 
     def logabsdet(self, h: int, w: int) -> torch.Tensor:
         """Exact ``log|det|`` of this conv on ``h x w`` images (0-dim)."""
         if self._no_grad_needed():
             return self.factorization(h, w).logabsdet
-        return fourier.logabsdet(self.weight, h, w, self.backend)
+        return fourier.logabsdet(self.weight, h, w, self.backend, validate=False)
+
+    def _check(self, x: torch.Tensor, name: str) -> None:
+        """At the boundary: ``x`` a finite ``(B, channels, H, W)`` tensor of the weight's dtype, finite parameters."""
+        if at_boundary():
+            check_image(x, name, channels=self.channels, dtype=self.weight.dtype)  # (B, C, H, W)
+            check_parameters(self)
 
     def forward(self, x: torch.Tensor):
-        if at_boundary():
-            check_image(x, "x", channels=self.channels)  # (B, C, H, W)
+        self._check(x, "x")
         h, w = x.shape[-2:]
         self.last_size = (h, w)
         return self.conv(x), self.logabsdet(h, w).to(x.dtype).expand(x.shape[0])
 
     def transform(self, x: torch.Tensor) -> torch.Tensor:
-        if at_boundary():
-            check_image(x, "x", channels=self.channels)
+        self._check(x, "x")
         self.last_size = tuple(x.shape[-2:])
         return self.conv(x)
 
@@ -106,13 +114,13 @@ class InvertibleConv2d(InvertibleModule):
         """The circular conv alone, without the log-determinant (spatial when it can, else Fourier)."""
         if self.kernel_size // 2 <= min(x.shape[-2:]):
             return circular_conv2d(x, self.weight, self.bias)  # (B, C, H, W)
-        return fourier.conv2d(x, self.weight, self.bias)
+        return fourier.conv2d(x, self.weight, self.bias, validate=False)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
-        if at_boundary():
-            check_image(y, "y", channels=self.channels)  # (B, C, H, W)
+        self._check(y, "y")
         h, w = y.shape[-2:]
-        return fourier.inverse(y, self.weight, self.bias, self.backend, self.factorization(h, w), self.max_condition)
+        return fourier.inverse(y, self.weight, self.bias, self.backend, self.factorization(h, w), self.max_condition,
+                               validate=False)
 
     @torch.no_grad()
     def condition_numbers(self, h: int | None = None, w: int | None = None) -> torch.Tensor:

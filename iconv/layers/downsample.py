@@ -52,7 +52,7 @@ def _blocks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _unblocks(x00, x01, x10, x11) -> torch.Tensor:
     """Inverse of :func:`_blocks`: four (B, C, h, w) tensors -> (B, C, 2h, 2w)."""
     b, c, h, w = x00.shape
-    return F.pixel_shuffle(torch.stack([x00, x01, x10, x11], 2).view(b, 4 * c, h, w), 2)
+    return F.pixel_shuffle(torch.stack([x00, x01, x10, x11], 2).reshape(b, 4 * c, h, w), 2)  # any memory layout
 
 
 def _zeros(x: torch.Tensor) -> torch.Tensor:

@@ -74,19 +74,18 @@ from torch import nn
 from ..checks import check_image
 from ..errors import NotInvertibleError
 from ..layers.activations import SneakyReLU
-from ..layers.base import Forward, InvertibleModule, InvertibleSequential, MultiScale
+from ..layers.base import Forward, InvertibleModule, InvertibleSequential, MultiScale, inside
 from ..layers.conv import InvertibleConv2d, well_conditioned_weight
-from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
 from ..layers.normalization import InvertibleBatchNorm2d
+from .flow import DOWNSAMPLERS
 
 __all__ = ["ACTIVATIONS", "DOWNSAMPLES", "INVERTIBLE_DOWNSAMPLES", "PADDINGS", "ChannelPad",
            "ConfigurationNotInvertibleError", "ConvNet", "ZeroPaddedConv2d"]
 
 PADDINGS = ("zeros", "circular")
 ACTIVATIONS = ("relu", "sneaky")
-DOWNSAMPLES = ("maxpool", "squeeze", "nn", "avg")
-INVERTIBLE_DOWNSAMPLES = ("squeeze", "nn", "avg")
-_DOWNSAMPLE_LAYERS = {"squeeze": Squeeze, "nn": NNDownsample, "avg": AvgDownsample}
+INVERTIBLE_DOWNSAMPLES = tuple(DOWNSAMPLERS)  # ("squeeze", "nn", "avg")
+DOWNSAMPLES = ("maxpool",) + INVERTIBLE_DOWNSAMPLES
 
 
 class ConfigurationNotInvertibleError(NotInvertibleError):
@@ -221,7 +220,7 @@ class ConvNet(nn.Module):
             return blocks
 
         if self.factor_out:
-            down = _DOWNSAMPLE_LAYERS[downsample]
+            down = DOWNSAMPLERS[downsample]
             self.extractor = MultiScale(
                 [InvertibleSequential(*stage(1, k)), InvertibleSequential(down(), *stage(2, 2 * k)),
                  InvertibleSequential(down(), *stage(3, 2 * k))],
@@ -306,9 +305,10 @@ class ConvNet(nn.Module):
         self.image_size = tuple(x.shape[-2:])
         if self.pad is not None:
             x = self.pad(x)  # (B, k, H, W)
-        if isinstance(self.extractor, InvertibleModule):
-            return self.extractor.transform(x)
-        return self.extractor(x)
+        with inside():  # x is checked: the layers skip their own checks
+            if isinstance(self.extractor, InvertibleModule):
+                return self.extractor.transform(x)
+            return self.extractor(x)
 
     def pool(self, features: torch.Tensor) -> torch.Tensor:
         return features[:, : self.head_channels].mean((2, 3))  # (B, 2k)
@@ -332,4 +332,5 @@ class ConvNet(nn.Module):
                 "inverse needs evaluation mode (call net.eval()): in training mode BatchNorm normalises "
                 "with the batch's own mean and variance, so the features are not a fixed function of one image")
         check_image(features, "features", channels=self.feature_channels)  # (B, 16k, h, w)
-        return self.extractor.inverse(features)[:, : self.in_channels]  # (B, C_in, H, W)
+        with inside():
+            return self.extractor.inverse(features)[:, : self.in_channels]  # (B, C_in, H, W)

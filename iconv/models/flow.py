@@ -42,6 +42,7 @@ from torch import nn
 
 from ..checks import check_finite, check_image
 from ..core.fourier import condition_limit
+from ..data import check_image_shape, check_uint8_images, dequantize
 from ..errors import NotInvertibleError
 from ..layers.activations import SneakyReLU
 from ..layers.affine import ActNorm, LogitTransform, PixelAffine
@@ -49,9 +50,10 @@ from ..layers.base import InvertibleModule, InvertibleSequential, MultiScale, at
 from ..layers.conv import InvertibleConv2d
 from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
 
-__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "check_shape", "check_uint8_images", "flow_step", "halvings",
-           "nll_to_bits_per_dim", "standard_normal_log_prob"]
+__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "flow_step", "halvings", "nll_to_bits_per_dim",
+           "standard_normal_log_prob"]
 
+#: The invertible 2x2 downsamplings by the names the models' ``downsample`` argument takes.
 DOWNSAMPLERS = {"squeeze": Squeeze, "nn": NNDownsample, "avg": AvgDownsample}
 LOG_2PI = math.log(2 * math.pi)
 
@@ -75,9 +77,10 @@ def nll_to_bits_per_dim(nll: torch.Tensor, dim: int) -> torch.Tensor:
 class FlowModel(InvertibleModule):
     r"""What every image flow of the book shares: the likelihood, bits/dim and sampling.
 
-    A subclass builds ``self.net``, an :class:`~iconv.layers.InvertibleModule` from images ``x``
-    ``(B, C, H, W)`` in :math:`[0, 1]` (dequantized) to a latent image, and calls
-    :meth:`_finish` with the image shape and its constructor arguments. Then
+    A subclass builds ``self.net``, an :class:`~iconv.layers.InvertibleSequential` from images ``x``
+    ``(B, C, H, W)`` in :math:`[0, 1]` (dequantized) to a latent image whose first layer is the
+    :class:`~iconv.layers.LogitTransform` (:attr:`preprocess`), and calls :meth:`_finish` with the
+    image shape and its constructor arguments. Then
     ``forward(x) -> (z, logabsdet)`` with ``z`` the latent flattened to ``(B, C*H*W)``,
     ``inverse(z) -> x``, and
 
@@ -123,7 +126,15 @@ class FlowModel(InvertibleModule):
         with inside():
             return self.net.inverse(z.reshape(z.shape[0], *self.latent_shape))
 
+    @property
+    def preprocess(self) -> LogitTransform:
+        """The first layer: the logit that maps pixel values in [0, 1] to the real line."""
+        return self.net[0]
+
     def output_shape(self, shape):
+        """``(C*H*W,)``: the flattened latent of one image of this flow's ``shape`` (the only shape it takes)."""
+        if tuple(int(s) for s in shape) != tuple(self.shape):
+            raise ValueError(f"this flow takes images of shape {tuple(self.shape)}, got {tuple(shape)}")
         return (self.dim,)
 
     @property
@@ -151,6 +162,7 @@ class FlowModel(InvertibleModule):
                              "use iconv.data.dequantize(images) on uint8 images, or bits_per_dim(images)")
 
     def check_latent(self, z: torch.Tensor) -> None:
+        """Raise unless ``z`` is a finite float batch ``(B, C*H*W)`` of latents of this flow."""
         if not isinstance(z, torch.Tensor) or not z.is_floating_point():
             got = getattr(z, "dtype", type(z).__name__)
             raise TypeError(f"z must be a floating tensor of shape (B, {self.dim}), got {got}")
@@ -166,8 +178,6 @@ class FlowModel(InvertibleModule):
 
     def bits_per_dim(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         """Bits per dimension of ``uint8`` images ``(B, C, H, W)``, one uniform dequantization each: ``(B,)``."""
-        from ..data import dequantize
-
         check_uint8_images(images, self.shape)
         x = dequantize(images.to(self._param_device()), generator=generator, dtype=self._param_dtype())
         return nll_to_bits_per_dim(-self.log_prob(x), self.dim)
@@ -189,37 +199,63 @@ class FlowModel(InvertibleModule):
 
     @torch.no_grad()
     def initialize(self, x: torch.Tensor) -> "FlowModel":
-        """Data-dependent start of every :class:`ActNorm`, once, from a batch ``x`` (dequantized, [0, 1]).
+        """Data-dependent start of every :class:`ActNorm` and :class:`PixelAffine`, once, from a batch ``x``.
 
-        Runs one forward pass in which each ActNorm, in order, sets itself so that its output on
-        this batch has zero mean and unit variance per channel. Deterministic given ``x``; use the
-        same batch on every process. Returns ``self``.
+        Runs one forward pass on ``x`` (dequantized, in [0, 1]) in which each of those layers, in
+        order, first calls its ``initialize_from`` on the input it receives, so that its output on
+        this batch has zero mean and unit variance per channel (per pixel). Deterministic given
+        ``x``; use the same batch on every process. Returns ``self``.
         """
-        actnorms = [m for m in self.modules() if isinstance(m, (ActNorm, PixelAffine))]
-        for m in actnorms:
-            m._initialize_next = True
+        hooks = [m.register_forward_pre_hook(lambda layer, args: layer.initialize_from(args[0]))
+                 for m in self.modules() if isinstance(m, (ActNorm, PixelAffine))]
         try:
             self(x)
         finally:
-            for m in actnorms:
-                m._initialize_next = False
+            for hook in hooks:
+                hook.remove()
         return self
+
+    def convs(self) -> list[tuple[InvertibleConv2d, tuple[int, int]]]:
+        """Every invertible conv of the flow with the image size ``(h, w)`` it acts on, in order."""
+        found = []
+
+        def walk(module: InvertibleModule, shape: tuple[int, int, int]) -> None:
+            if isinstance(module, InvertibleConv2d):
+                found.append((module, tuple(shape[1:])))
+            elif isinstance(module, InvertibleSequential):
+                for layer in module:
+                    walk(layer, shape)
+                    shape = layer.output_shape(shape)
+            elif isinstance(module, MultiScale):
+                for level, level_shape in zip(module.levels, module.level_shapes(shape)):
+                    walk(level, level_shape)
+
+        walk(self.net, self.shape)
+        return found
+
+    @torch.no_grad()
+    def condition_numbers(self) -> list[float]:
+        """The worst per-frequency condition number (:func:`iconv.fourier.condition_numbers`) of every conv."""
+        return [float(conv.condition_number(*size)) for conv, size in self.convs()]
+
+    def check_invertible(self, max_condition: float | None = None) -> None:
+        """Raise :class:`NotInvertibleError` if a conv is too ill-conditioned to invert in its dtype.
+
+        The default limit is the one :func:`iconv.fourier.inverse` uses
+        (:func:`iconv.fourier.condition_limit`, about 8e4 in float32). The trainer calls this before
+        every checkpoint, so a run stops before saving a flow it cannot sample from. (A flow
+        without circular convs, such as :class:`~iconv.models.GlowBaseline`, always passes.)
+        """
+        for index, (conv, size) in enumerate(self.convs()):
+            limit = max_condition or condition_limit(conv.weight.dtype)
+            cond = float(conv.condition_number(*size))
+            if not math.isfinite(cond) or cond > limit:
+                raise NotInvertibleError(
+                    f"conv {index} of the flow ({conv.channels} channels, {size[0]}x{size[1]}) has condition "
+                    f"number {cond:.3g}, above {limit:.3g}", condition_number=cond)
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-
-def check_uint8_images(images: torch.Tensor, shape=None, name: str = "images") -> None:
-    """Raise unless ``images`` is a ``uint8`` batch ``(B, C, H, W)`` (of ``shape`` if given)."""
-    if not isinstance(images, torch.Tensor):
-        raise TypeError(f"{name} must be a uint8 torch.Tensor (B, C, H, W), got {type(images).__name__}")
-    if images.dtype != torch.uint8:
-        raise TypeError(f"{name} must be uint8 pixel values 0..255 (got dtype {images.dtype}); "
-                        "for float images in [0, 1] use log_prob(x) instead")
-    if images.dim() != 4 or (shape is not None and tuple(images.shape[1:]) != tuple(shape)):
-        want = "(B, C, H, W)" if shape is None else f"(B, {', '.join(map(str, shape))})"
-        raise ValueError(f"{name} has shape {tuple(images.shape)}, expected {want}")
-
 
 
 # ----------------------------------------------------------------------------- ConvFlow
@@ -265,7 +301,7 @@ class ConvFlow(FlowModel):
                  downsample: str = "squeeze", slope: float = 0.1, alpha: float = 0.05,
                  backend: str = "complex", init_scale: float = 0.1, pixel_affine: bool = True):
         super().__init__()
-        c, h, w = check_shape(shape)
+        c, h, w = check_image_shape(shape)
         if downsample not in DOWNSAMPLERS:
             raise ValueError(f"downsample must be one of {tuple(DOWNSAMPLERS)}, got {downsample!r}")
         possible = halvings(h, w)
@@ -305,60 +341,12 @@ class ConvFlow(FlowModel):
                                      slope=slope, alpha=alpha, backend=backend, init_scale=init_scale,
                                      pixel_affine=pixel_affine))
 
-    @property
-    def preprocess(self) -> LogitTransform:
-        return self.net[0]
-
-    def convs(self) -> list[tuple[InvertibleConv2d, tuple[int, int]]]:
-        """Every invertible conv with the image size ``(h, w)`` it acts on."""
-        out = []
-        c, h, w = self.shape
-        size = (h // 2, w // 2)
-        for level in self.net[-1].levels:
-            for layer in level:
-                if isinstance(layer, (Squeeze, NNDownsample, AvgDownsample)):
-                    size = (size[0] // 2, size[1] // 2)
-                else:
-                    out += [(m, size) for m in layer if isinstance(m, InvertibleConv2d)]
-        return out
-
-    @torch.no_grad()
-    def condition_numbers(self) -> list[float]:
-        """The worst per-frequency condition number (:func:`iconv.fourier.condition_numbers`) of every conv."""
-        return [float(conv.condition_number(*size)) for conv, size in self.convs()]
-
-    def check_invertible(self, max_condition: float | None = None) -> None:
-        """Raise :class:`NotInvertibleError` if a conv is too ill-conditioned to invert in its dtype.
-
-        The default limit is the one :func:`iconv.fourier.inverse` uses
-        (:func:`iconv.fourier.condition_limit`, about 8e4 in float32). The trainer calls this before
-        every checkpoint, so a run stops before saving a flow it cannot sample from.
-        """
-        for index, (conv, size) in enumerate(self.convs()):
-            limit = max_condition or condition_limit(conv.weight.dtype)
-            cond = float(conv.condition_number(*size))
-            if not math.isfinite(cond) or cond > limit:
-                raise NotInvertibleError(
-                    f"conv {index} of the flow ({conv.channels} channels, {size[0]}x{size[1]}) has condition "
-                    f"number {cond:.3g}, above {limit:.3g}", condition_number=cond)
-
 
 def flow_step(channels: int, kernel_size: int = 3, *, slope: float = 0.1, backend: str = "complex",
               init_scale: float = 0.1, activation: bool = True) -> InvertibleSequential:
     """One step of :class:`ConvFlow`: ActNorm, an invertible ``k x k`` circular conv, SneakyReLU (optional)."""
     layers = [ActNorm(channels), InvertibleConv2d(channels, kernel_size, True, backend, init_scale)]
     return InvertibleSequential(*layers, *([SneakyReLU(slope)] if activation else []))
-
-
-def check_shape(shape) -> tuple[int, int, int]:
-    """``shape`` as three positive ints ``(C, H, W)``, or a clear error."""
-    try:
-        c, h, w = (int(s) for s in shape)
-    except (TypeError, ValueError):
-        raise ValueError(f"shape must be (C, H, W), got {shape!r}") from None
-    if min(c, h, w) < 1 or tuple(shape) != (c, h, w):
-        raise ValueError(f"shape must be three positive ints (C, H, W), got {shape!r}")
-    return c, h, w
 
 
 def halvings(h: int, w: int) -> int:

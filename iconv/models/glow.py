@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import torch
 
+from ..data import check_image_shape
 from ..layers.affine import ActNorm, LogitTransform
 from ..layers.base import InvertibleSequential, MultiScale
 from ..layers.coupling import AffineCoupling, Invertible1x1Conv
 from ..layers.downsample import Squeeze
-from .flow import FlowModel, check_shape, halvings
+from .flow import FlowModel, halvings
 
 __all__ = ["GlowBaseline", "glow_step", "matching_hidden_width"]
 
@@ -53,7 +54,7 @@ class GlowBaseline(FlowModel):
 
     def __init__(self, shape, *, depth: int = 4, hidden: int = 16, scales: int | None = None, alpha: float = 0.05):
         super().__init__()
-        c, h, w = check_shape(shape)
+        c, h, w = check_image_shape(shape)
         possible = halvings(h, w)
         if possible < 1:
             raise ValueError(f"GlowBaseline needs even image height and width (it starts with a squeeze), got {h}x{w}")
@@ -72,10 +73,6 @@ class GlowBaseline(FlowModel):
                 channels //= 2
         self.net = InvertibleSequential(LogitTransform(alpha), MultiScale(levels, factor_out, in_channels=c))
         self._finish((c, h, w), dict(depth=depth, hidden=hidden, scales=scales, alpha=alpha))
-
-    @property
-    def preprocess(self) -> LogitTransform:
-        return self.net[0]
 
     def inverse(self, z: torch.Tensor) -> torch.Tensor:
         x = super().inverse(z)
