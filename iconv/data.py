@@ -683,16 +683,9 @@ class ImageBatches:
             yield x if self.labels is None else (x, self.labels[idx])
 
 
-def batches(
-    images: torch.Tensor,
-    labels: torch.Tensor | None = None,
-    batch_size: int = 64,
-    shuffle: bool = False,
-    generator: torch.Generator | None = None,
-    drop_last: bool = False,
-) -> ImageBatches:
-    """Mini-batches of ``images`` / ``labels``: see :class:`ImageBatches` (this just builds one)."""
-    return ImageBatches(images, labels, batch_size, shuffle, generator, drop_last)
+#: ``batches(images, labels, batch_size, shuffle, generator, drop_last)``: the mini-batches of
+#: :class:`ImageBatches` under the name the loaders' callers use.
+batches = ImageBatches
 
 
 # ----------------------------------------------------------------------------- checks of image arguments

@@ -95,21 +95,24 @@ def conditioning_report(model: nn.Module, sizes=None) -> list[dict]:
 
     For each square conv (at the size it sees: ``sizes`` is the network's input ``(H, W)``, a dict
     ``{conv name: (h, w)}``, or ``None`` for the last input's), the Fourier blocks :math:`A_f` of
-    the circulant with that kernel (:func:`iconv.fourier.spectrum`) and their singular values. Each
-    entry has ``name``, ``size``, ``padding``, ``frequency`` (the ``(u, v)`` maximising
-    :math:`\kappa_f = \sigma_1(A_f)/\sigma_c(A_f)`), ``condition`` (that :math:`\kappa_f`),
-    ``sigma_min`` (the smallest singular value over all frequencies), ``sigma_max`` (the largest:
-    the conv's operator norm) and ``layer_condition = sigma_max / sigma_min`` (the whole conv's
-    2-norm condition number, which bounds how much its inverse can amplify relative error).
-    For zero-padded convs the numbers describe the circulant with the same kernel (``padding``
-    says which), not the zero-padded operator.
+    the circulant with that kernel (:func:`iconv.fourier.spectrum`). Each entry has ``name``,
+    ``size``, ``padding``, ``frequency`` (the ``(u, v)`` maximising the per-frequency condition
+    number :math:`\kappa_f = \|A_f\|_1 \|A_f^{-1}\|_1` of :func:`iconv.fourier.condition_numbers`,
+    the one definition iconv uses, also for the singularity rule of :func:`iconv.fourier.inverse`),
+    ``condition`` (that :math:`\kappa_f`), and from the blocks' singular values ``sigma_min``
+    (the smallest over all frequencies), ``sigma_max`` (the largest: the conv's operator norm) and
+    ``layer_condition = sigma_max / sigma_min`` (the whole conv's 2-norm condition number, which
+    bounds how much its inverse can amplify relative error). For zero-padded convs the numbers
+    describe the circulant with the same kernel (``padding`` says which), not the zero-padded
+    operator.
     """
     report = []
+    convs = dict(square_convs(model))
     for name, (h, w) in conv_sizes(model, sizes).items():
-        conv = dict(square_convs(model))[name]
+        conv = convs[name]
         weight = conv.weight.detach()
         s = singular_values(fourier.spectrum(weight, h, w))  # (h, w//2+1, c)
-        kappa = s[..., 0] / s[..., -1]  # (h, w//2+1)
+        kappa = fourier.condition_numbers(weight, h, w)  # (h, w//2+1)
         flat = int(torch.argmax(torch.nan_to_num(kappa, nan=math.inf)))
         u, v = divmod(flat, kappa.shape[1])
         report.append({

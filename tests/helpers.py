@@ -77,7 +77,7 @@ def adversarial_weight(c, condition, dtype=torch.float64, kind="probe", w=6):
         q, _ = torch.linalg.qr(torch.randn(c, c, dtype=torch.float64))
         lam = -(1 - delta) * complex(math.cos(-theta), math.sin(-theta))  # lam e^{i theta} = -(1 - delta)
         core = 0.3 * torch.eye(c, dtype=torch.float64)
-        core[:2, :2] = torch.tensor([[lam.real, -lam.imag], [lam.imag, lam.real]])
+        core[:2, :2] = torch.tensor([[lam.real, -lam.imag], [lam.imag, lam.real]], dtype=torch.float64)
         D = q @ core @ q.T
         block = eye.to(torch.complex128) + D.to(torch.complex128) * complex(math.cos(theta), math.sin(theta))
     else:

@@ -14,11 +14,10 @@ from torch import nn
 
 import iconv
 from iconv.configs import TABLE1
-from iconv.core.circular import dense_conv_matrix
 from iconv.data import prepare_images
-from iconv.evaluation import conditioning_report, evaluate_accuracy, evaluate_classifier, reconstruction_error
+from iconv.evaluation import evaluate_accuracy
 from iconv.layers import InvertibleBatchNorm2d, InvertibleConv2d, InvertibleSequential, MultiScale
-from iconv.losses import classification_loss, make_loss, spectral_penalty
+from iconv.losses import classification_loss, make_loss
 from iconv.models import classifier
 from iconv.models.classifier import ChannelPad, ConfigurationNotInvertibleError, ConvNet, ZeroPaddedConv2d
 from iconv.train import TrainConfig, fit, load_checkpoint
@@ -257,22 +256,7 @@ def test_bad_switches_and_inputs_give_clear_errors():
         ConvNet(1, 10, 4).conv_sizes()
 
 
-# --------------------------------------------------------------------------- training helpers
-
-
-def test_loss_and_accuracy():
-    images, labels = tiny_images(20)
-    net = ConvNet(1, 10, 4)
-    loss, metrics = classification_loss(net, images, labels)
-    assert loss.dim() == 0 and math.isfinite(loss.item()) and 0 <= metrics["acc"] <= 1
-    net.train()
-    acc = evaluate_accuracy(net, images, labels, batch_size=7)
-    assert net.training  # mode restored
-    net.eval()
-    expected = (net(prepare_images(images)).argmax(1) == labels).float().mean().item()
-    assert acc == pytest.approx(expected)
-    with pytest.raises(ValueError, match="20 images but 3 labels"):
-        evaluate_accuracy(net, images, labels[:3])
+# --------------------------------------------------------------------------- training (iconv.train)
 
 
 def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
@@ -309,62 +293,3 @@ def test_resume_gives_the_parameters_of_an_uninterrupted_run(tmp_path):
     fit(resumed, loss_fn, images, labels, config=cfg, checkpoint_path=tmp_path / "b.pt", resume=True,
         progress=False)
     assert torch.equal(params(resumed), params(straight))  # weights and BatchNorm statistics
-
-
-# --------------------------------------------------------------------------- conditioning
-
-
-def test_conditioning_report_matches_the_dense_matrix():
-    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="squeeze", init_scale=0.8).double()
-    report = conditioning_report(net, (8, 4))
-    assert [entry["name"] for entry in report] == [name for name, _ in net.convs()]
-    for entry, (_, conv) in zip(report, net.convs()):
-        h, w = entry["size"]
-        dense = torch.linalg.svdvals(dense_conv_matrix(conv.weight.detach(), h, w))
-        assert entry["layer_condition"] == pytest.approx(float(dense[0] / dense[-1]), rel=1e-10)
-        assert entry["sigma_max"] == pytest.approx(float(dense[0]), rel=1e-10)
-        blocks = iconv.fourier.spectrum(conv.weight.detach(), h, w)
-        s = torch.linalg.svdvals(blocks[entry["frequency"]])
-        assert entry["condition"] == pytest.approx(float(s[0] / s[-1]), rel=1e-10)
-        assert entry["condition"] <= entry["layer_condition"] * (1 + 1e-12)
-        assert entry["padding"] == "circular"
-    assert conditioning_report(ConvNet(1, 10, 4), (8, 8))[0]["padding"] == "zeros"
-
-
-def test_spectral_penalty_is_zero_when_well_conditioned_and_repairs_a_bad_conv():
-    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="nn", init_scale=0.1).double()
-    assert spectral_penalty(net, (8, 8), floor=0.01).item() == 0.0
-    conv = dict(net.convs())["stage1.block2"]
-    with torch.no_grad():  # make one frequency nearly singular: a kernel that sums to ~0 on one direction
-        conv.weight[:, 0] = 0.0
-        conv.weight[0, 0, 1, 1] = 1e-3
-    before = conditioning_report(net, (8, 8))[1]["layer_condition"]
-    assert before > 100
-    penalty = spectral_penalty(net, (8, 8), floor=0.2)
-    assert penalty.item() > 0
-    optimizer = torch.optim.SGD([conv.weight], lr=0.05)
-    for _ in range(30):
-        optimizer.zero_grad()
-        spectral_penalty(net, (8, 8), floor=0.2).backward()
-        optimizer.step()
-    after = conditioning_report(net, (8, 8))[1]["layer_condition"]
-    assert after < before / 5
-    with pytest.raises(ValueError, match="floor must lie strictly between 0 and 1"):
-        spectral_penalty(net, (8, 8), floor=2.0)
-
-
-def test_make_loss_reports_the_penalty_and_evaluate_classifier():
-    images, labels = tiny_images(16)
-    net = ConvNet(1, 10, 4, padding="circular", activation="sneaky", downsample="avg")
-    loss, metrics = make_loss(spectral_weight=1.0, spectral_floor=0.9)(net, images, labels)
-    plain, _ = classification_loss(net, images, labels)
-    assert metrics["penalty"] > 0 and loss.item() == pytest.approx(plain.item() + metrics["penalty"], rel=1e-5)
-    with pytest.raises(ValueError, match="spectral_floor"):
-        make_loss(spectral_weight=1.0, spectral_floor=0.0)
-    out = evaluate_classifier(net, images, labels, reconstruct=8)
-    assert set(out) >= {"test_accuracy", "max_condition", "max_layer_condition", "reconstruction_error",
-                        "condition/stage3.block3"}
-    assert out["reconstruction_error"] < 1e-5  # float32
-    assert "reconstruction_error" not in evaluate_classifier(ConvNet(1, 10, 4), images, labels)
-    rec = reconstruction_error(net.double(), images[:4])
-    assert rec["relative_error"] < 1e-12 and rec["padding_residual"] < 1e-12

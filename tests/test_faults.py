@@ -115,14 +115,21 @@ def test_kill_9_during_training_then_resume_is_bitwise_an_uninterrupted_run(tmp_
 # ----------------------------------------------------------------------------- kill -9 during a write
 
 
-def killed_during(write, how="before the rename"):
-    """Run ``write()`` in a forked child that SIGKILLs itself in the middle of the atomic write:
-    after the data reached the temporary file (at its fsync), or half-way through the data."""
+def killed_during(write, target, how="before the rename"):
+    """Run ``write()`` in a forked child that SIGKILLs itself in the middle of the atomic write of
+    ``target``: after the data reached the temporary file (at its fsync), or half-way through the data."""
     pid = os.fork()
     if pid == 0:  # the child
         try:
             if how == "before the rename":
-                os.fsync = lambda fd: os.kill(os.getpid(), signal.SIGKILL)
+                fsync = os.fsync
+
+                def fsync_or_die(fd):
+                    if os.readlink(f"/proc/self/fd/{fd}").startswith(str(target.parent / f".{target.name}.")):
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    fsync(fd)
+
+                os.fsync = fsync_or_die
             else:
                 def half_then_die(obj, f, *a, **k):
                     f.write(b"\x00" * 1000)
@@ -160,7 +167,7 @@ def test_kill_9_during_each_kind_of_write_keeps_the_previous_file(tmp_path, kind
     WRITES[kind](tmp_path, 1)
     target = tmp_path / FILES[kind]
     before = target.read_bytes()
-    killed_during(lambda: WRITES[kind](tmp_path, 2), how)
+    killed_during(lambda: WRITES[kind](tmp_path, 2), target, how)
     assert target.read_bytes() == before  # the previous file, intact
     stale = list(tmp_path.glob(f".{target.name}.*.tmp"))
     assert len(stale) == 1  # the kill happened inside the write

@@ -7,7 +7,8 @@ from hypothesis import assume, given, strategies as st
 import iconv
 from iconv import fourier
 from iconv.core.circular import dense_conv_matrix
-from tests.helpers import dense_apply, dense_logabsdet, random_weight, relerr
+from tests.helpers import (adversarial_weight, condition1, dense_apply, dense_logabsdet, probe_signs, random_weight,
+                           relerr)
 
 BACKENDS = ["complex", "lifted"]
 
@@ -53,17 +54,29 @@ def test_kernels_that_wrap_around_small_images(backend, c, h, w, k):
     assert abs(fourier.logabsdet(weight, h, w, backend).item() - expected) < 1e-10 * max(1, abs(expected))
 
 
+def full_blocks(weight, h, w):
+    """All h*w Fourier blocks by the definition, tap by tap: ``(h, w, c, c)`` complex128."""
+    k = weight.shape[-1]
+    p = k // 2
+    u = torch.arange(h, dtype=torch.float64)[:, None]
+    v = torch.arange(w, dtype=torch.float64)[None, :]
+    blocks = torch.zeros(h, w, *weight.shape[:2], dtype=torch.complex128)
+    for a in range(k):
+        for b in range(k):
+            phase = torch.exp(2j * math.pi * (u * (a - p) / h + v * (b - p) / w))  # (h, w)
+            blocks += phase[..., None, None] * weight[:, :, a, b].to(torch.complex128)
+    return blocks
+
+
 @pytest.mark.parametrize("w", [1, 2, 4, 5, 6, 7])
 def test_half_spectrum_counts_mirrored_columns_twice(w):
     """Summing log|det| over all h*w full-spectrum blocks equals the weighted half-spectrum sum."""
     mult = fourier.conjugate_multiplicity(w)
     assert mult.sum().item() == w
-    weight, h, k = random_weight(2, 3), 3, 3
-    rows = fourier._phases(h, h, k, torch.complex128, None)
-    cols = fourier._phases(w, w, k, torch.complex128, None)  # every column, not just half
-    full = torch.einsum("ua,vb,ocab->uvoc", rows, cols, weight.to(torch.complex128))
-    expected = torch.linalg.slogdet(full)[1].sum()
+    weight, h = random_weight(2, 3), 3
+    expected = torch.linalg.slogdet(full_blocks(weight, h, w))[1].sum()
     assert abs(fourier.logabsdet(weight, h, w).item() - expected.item()) < 1e-12 * abs(expected.item()) + 1e-12
+    torch.testing.assert_close(fourier.spectrum(weight, h, w), full_blocks(weight, h, w)[:, : w // 2 + 1])
 
 
 def test_spectrum_is_the_fft_of_the_conv():
@@ -150,6 +163,16 @@ def test_nearly_singular_float32_is_refused_not_returned_wrong():
         (lambda: fourier.conv2d(torch.randn(1, 3, 4, 4).double(), torch.randn(3, 3, 3, 3)), TypeError, "dtype"),
         (lambda: fourier.logabsdet(torch.randn(3, 3, 3, 3), 4, 4, backend="qr"), ValueError, "backend"),
         (lambda: fourier.spectrum(torch.randn(3, 3, 3, 3), 0, 4), ValueError, "positive"),
+        (lambda: fourier.conv2d(torch.randn(1, 3, 4, 4), torch.randn(3, 3, 3, 3), torch.full((3,), math.nan)),
+         ValueError, "bias holds non-finite"),
+        (lambda: fourier.inverse(torch.randn(1, 3, 4, 4), torch.randn(3, 3, 3, 3), torch.zeros(4)), ValueError,
+         r"bias must have shape \(3,\)"),
+        (lambda: fourier.conv2d(torch.randn(1, 3, 4, 4).half(), torch.randn(3, 3, 3, 3).half()), TypeError,
+         "float32 or float64, got dtype torch.float16"),
+        (lambda: fourier.logabsdet(torch.randn(3, 3, 3, 3, dtype=torch.bfloat16), 4, 4), TypeError,
+         "weight must be floating of dtype float32 or float64, got dtype torch.bfloat16"),
+        (lambda: fourier.inverse(torch.randn(1, 3, 4, 4, device="meta"), torch.randn(3, 3, 3, 3, device="meta")),
+         ValueError, "meta tensor"),
     ],
 )
 def test_bad_input_gets_a_clear_error(call, error, match):
@@ -157,32 +180,116 @@ def test_bad_input_gets_a_clear_error(call, error, match):
         call()
 
 
-@given(c=st.integers(1, 12), h=st.integers(2, 7), w=st.integers(2, 7), seed=st.integers(0, 2**16))
-def test_fresh_condition_estimate_is_a_lower_bound(c, h, w, seed):
-    """The one-step estimate never exceeds the exact 1-norm condition number."""
+def old_one_step_estimate(block):
+    """iconv 0.2's condition estimate (one Hager step from a fixed sign probe), reproduced to show it is fooled."""
+    c = block.shape[-1]
+    r = probe_signs(c).to(block.dtype)
+    x = torch.linalg.solve(block, r)
+    growth = (x.real.abs() + x.imag.abs()).sum() / c
+    z = torch.linalg.solve(block.mH, x / x.abs())
+    e = torch.zeros_like(r)
+    e[int((z.real.abs() + z.imag.abs()).argmax())] = 1
+    refined = torch.linalg.solve(block, e)
+    refined = (refined.real.abs() + refined.imag.abs()).sum()
+    norm = (block.real.abs() + block.imag.abs()).sum(-2).amax()
+    return (norm * torch.maximum(growth, refined)).item()
+
+
+@pytest.mark.parametrize("kind", ["probe", "complex"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("factor", [1.5, 10.0, 1e3])
+def test_adversarial_near_singular_weights_are_refused(kind, dtype, factor):
+    """Constructed near-null directions (against the old probe, or genuinely complex) above the limit: refused."""
+    c, h, w = 16, 4, 6
+    limit = fourier.condition_limit(dtype)
+    weight, v0, true = adversarial_weight(c, factor * limit, dtype=dtype, kind=kind, w=w)
+    assert true > limit  # the construction is what it claims, measured independently in float64
+    exact = fourier.condition_numbers(weight, h, w)
+    assert exact[:, v0].min() > limit
+    y = torch.randn(2, c, h, w, dtype=dtype)
+    with pytest.raises(iconv.NotInvertibleError) as err:
+        fourier.inverse(y, weight)
+    assert err.value.frequency[1] == v0
+    layer = iconv.InvertibleConv2d(c).to(dtype)
+    with torch.no_grad():
+        layer.weight.copy_(weight)
+        with pytest.raises(iconv.NotInvertibleError):
+            layer.inverse(y)
+
+
+def test_the_probe_construction_defeats_a_fixed_probe_estimate():
+    """The "probe" weights are adversarial: the old one-step estimate calls condition 1e7 about 1."""
+    weight, v0, true = adversarial_weight(16, 1e7, kind="probe")
+    block = fourier.spectrum(weight, 4, 6)[0, v0]
+    assert true > 0.99e7 and old_one_step_estimate(block) < 10
+    assert fourier.condition_numbers(weight, 4, 6)[0, v0] > 0.99e7
+
+
+@pytest.mark.parametrize("kind", ["probe", "complex"])
+def test_adversarial_weights_below_the_limit_invert_accurately(kind):
+    """Just under the float64 limit's reach (condition 1e6): inverted, and right to about cond * eps."""
+    c, h, w = 16, 4, 6
+    weight, v0, true = adversarial_weight(c, 1e6, kind=kind, w=w)
+    exact = fourier.condition_numbers(weight, h, w)
+    assert 0.5 * true <= exact[0, v0] <= 2 * true  # agrees with the independent float64 inverse
+    x = torch.randn(2, c, h, w, dtype=torch.float64)
+    y = dense_apply(weight, x)
+    assert relerr(fourier.inverse(y, weight), x) < 1e-7
+
+
+@given(c=st.integers(1, 6), h=st.integers(1, 5), w=st.integers(1, 5), seed=st.integers(0, 2**16))
+def test_condition_numbers_match_an_independent_inverse(c, h, w, seed):
     torch.manual_seed(seed)
     weight = random_weight(c, 3, identity=0.3)
-    exact = fourier.factorize(weight, h, w, explicit=True).condition
-    y = torch.randn(2, c, h, w, dtype=torch.float64)
-    _, estimate = fourier.factorize(weight, h, w).solve(fourier.to_frequencies(y))
-    assert (estimate <= exact * (1 + 1e-9)).all()
+    got = fourier.condition_numbers(weight, h, w)
+    blocks = full_blocks(weight, h, w)[:, : w // 2 + 1]
+    expected = torch.tensor([[condition1(blocks[u, v]) for v in range(w // 2 + 1)] for u in range(h)],
+                            dtype=torch.float64)
+    torch.testing.assert_close(got, expected, rtol=1e-8, atol=0)
 
 
-def test_fresh_condition_estimate_is_close_enough_to_catch_singular_blocks():
-    """After Hager's refinement step the estimate is within a factor 3 on these blocks, mostly exact."""
-    weight = random_weight(16, 3, identity=0.3)
-    exact = fourier.factorize(weight, 8, 8, explicit=True).condition
-    y = torch.randn(4, 16, 8, 8, dtype=torch.float64)
-    for backend in ("complex", "lifted"):
-        _, estimate = fourier.factorize(weight, 8, 8, backend).solve(fourier.to_frequencies(y))
-        ratio = estimate / exact
-        assert ratio.min() > 1 / 3 and ratio.median() > 0.99
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rank_deficient_weights_give_minus_inf(dtype, backend):
+    c = 6
+    torch.manual_seed(1)
+    rank_one = torch.zeros(c, c, 3, 3, dtype=dtype)
+    rank_one[:, :, 1, 1] = torch.randn(c, 1, dtype=dtype) @ torch.randn(1, c, dtype=dtype)
+    dependent = random_weight(c, 3).to(dtype)
+    dependent[-1] = dependent[0] - 0.5 * dependent[1]  # one output channel a combination of two: every block
+    for weight in (rank_one, dependent):
+        assert fourier.logabsdet(weight, 5, 6, backend).item() == -math.inf
+        with pytest.raises(iconv.NotInvertibleError):
+            fourier.inverse(torch.randn(1, c, 5, 6, dtype=dtype), weight, backend=backend)
+    tiny = 1e-3 * random_weight(c, 3).to(dtype)  # a tiny determinant, but perfectly conditioned: finite and right
+    expected = dense_logabsdet(tiny.double(), 5, 6).item()
+    assert abs(fourier.logabsdet(tiny, 5, 6, backend).item() - expected) < 1e-4 * abs(expected)
 
 
-def test_fresh_inverse_refuses_a_condition_number_just_above_the_float32_limit():
-    c = 8
-    weight = torch.zeros(c, c, 3, 3)
-    weight[:, :, 1, 1] = torch.eye(c)
-    weight[0, 0, 1, 1] = 1 / 1.2e5  # condition number 1.2e5 > 8.4e4, the float32 limit
-    with pytest.raises(iconv.NotInvertibleError):
-        fourier.inverse(torch.randn(2, c, 4, 4), weight)
+def test_a_factorization_for_another_weight_or_size_is_refused():
+    w1, w2 = random_weight(3, 3), random_weight(3, 3)
+    fact = fourier.factorize(w1, 4, 5)
+    y = torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    with pytest.raises(ValueError, match="another weight"):
+        fourier.inverse(y, w2, factorization=fact)
+    with pytest.raises(ValueError, match="another weight"):
+        fourier.inverse(y, w1.float().double() + 1e-12, factorization=fact)
+    with pytest.raises(ValueError, match="4x5 images"):
+        fourier.inverse(torch.randn(2, 3, 4, 6, dtype=torch.float64), w1, factorization=fact)
+    assert relerr(fourier.inverse(y, w1.clone(), factorization=fact), fourier.inverse(y, w1)) < 1e-14
+
+
+def test_empty_batches_give_empty_results():
+    weight = random_weight(3, 3)
+    for f in (lambda e: fourier.conv2d(e, weight, torch.zeros(3, dtype=torch.float64)),
+              lambda e: fourier.inverse(e, weight, torch.zeros(3, dtype=torch.float64))):
+        out = f(torch.zeros(0, 3, 4, 5, dtype=torch.float64))
+        assert out.shape == (0, 3, 4, 5)
+
+
+def test_logabsdet_backward_is_right_in_float32():
+    weight = random_weight(8, 3).float().requires_grad_(True)
+    (got,) = torch.autograd.grad(fourier.logabsdet(weight, 6, 5), weight)
+    w64 = weight.detach().double().requires_grad_(True)
+    (expected,) = torch.autograd.grad(dense_logabsdet(w64, 6, 5), w64)
+    assert relerr(got.double(), expected) < 1e-5

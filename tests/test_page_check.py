@@ -83,6 +83,7 @@ def test_markdown_table_rule_passes_prose(text):
     ('<img src="_images/a.png" alt="SneakyReLU for three slopes">', False),
     ('<img src="icon.png" alt="" aria-hidden="true">', False),
     ('<img src="icon.png" alt="" role="presentation">', False),
+    ('<div class="widget-subarea"><div class="jupyter-widgets widget-output"><img src="data:,"></div></div>', False),
     ('<img src="_images/a.png">', True),
     ('<img src="_images/a.png" alt="  ">', True),
     ('<img src="_images/a.png" alt="_images/a.png">', True),   # myst-nb's default alt
@@ -182,6 +183,9 @@ DEFECTS = {
     "box_into_sidebar": ('<div style="width: 900px; background: #eee">a box 180px wider than the column</div>',
                          OVERFLOW),
     "long_word": ("<p>" + "unbreakable" * 12 + "</p>", OVERFLOW),
+    # a display equation wider than the column: it scrolls, but only code and tables may
+    "wide_display_math": ('<div class="math" style="overflow-x: auto"><span style="display: inline-block; '
+                          'width: 1000px">det M = det(T*) det(P) det(D) det(P) det(T)</span></div>', OVERFLOW),
     "clipped_code": (f'<div style="overflow: hidden"><pre style="overflow: visible">{LONG_LINE}</pre></div>',
                      OVERFLOW),
     "setup_visible": ('<div class="cell docutils container"><div class="cell_input docutils container">'

@@ -36,7 +36,7 @@ checked their own input at the boundary (:func:`iconv.layers.base.at_boundary`).
 explicit inverse blocks), and one limit, :func:`condition_limit`, serve every caller: :func:`inverse`
 (fresh or cached) raises :class:`~iconv.NotInvertibleError` for every weight with a block above the
 limit, whatever its structure (no estimator that a constructed weight could fool). A block whose
-smallest LU pivot is at most :math:`\sqrt n\,\varepsilon\,\|A_f\|_1` is singular to working
+smallest LU pivot is at most :math:`2n\,\varepsilon` times its largest entry is singular to working
 precision: its :math:`\log|\det|` is ``-inf`` and its condition number ``inf``.
 
 **Speed** (c = 64, 32x32, batch 32, float32, one CPU thread, thread CPU time, medians; conv = torch's
@@ -159,10 +159,14 @@ def to_frequencies(x: torch.Tensor) -> torch.Tensor:
 
 
 def from_frequencies(Xf: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """Inverse of :func:`to_frequencies`: ``(h * w', c, B)`` back to the real image ``(B, c, h, w)``."""
+    """Inverse of :func:`to_frequencies`: ``(h * w', c, B)`` back to the real image ``(B, c, h, w)``, contiguous.
+
+    The inverse FFT runs over the two leading axes of the frequency-major layout, then one copy
+    restores ``(B, c, h, w)``: 16 ms against 26 ms for ``irfft2`` on the permuted (strided) view.
+    """
     f, c, B = Xf.shape
-    X = Xf.view(h, w // 2 + 1, c, B).permute(3, 2, 0, 1)  # (B, c, h, w')
-    return torch.fft.irfft2(X, s=(h, w))
+    x = torch.fft.irfft2(Xf.view(h, w // 2 + 1, c, B), s=(h, w), dim=(0, 1))  # (h, w, c, B)
+    return x.permute(3, 2, 0, 1).contiguous()
 
 
 def _apply(blocks: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None, inverse: bool) -> torch.Tensor:
@@ -245,22 +249,28 @@ def _norm1(M: torch.Tensor) -> torch.Tensor:
     return _modulus(M).sum(-2).amax(-1)
 
 
-def _block_logabsdet(LU: torch.Tensor, norm1: torch.Tensor, backend: str) -> torch.Tensor:
+def _entry_scale(blocks: torch.Tensor) -> torch.Tensor:
+    """The largest ``max(|Re a|, |Im a|)`` entry of every block ``(f, n, n)``: ``(f,)`` (4 ms at c = 64, 32x32)."""
+    real = torch.view_as_real(blocks) if blocks.is_complex() else blocks
+    return real.reshape(blocks.shape[0], -1).abs().amax(-1)
+
+
+def _block_logabsdet(LU: torch.Tensor, scale: torch.Tensor, backend: str) -> torch.Tensor:
     r"""``log|det A_f|`` of every block from its LU: ``(f,)``; ``-inf`` for blocks singular to working precision.
 
-    A block counts as singular when its smallest pivot is at most :math:`\sqrt n\,\varepsilon\,\|A_f\|_1`
-    (``n`` the factorized size): rounding alone leaves pivots of that size in an exactly
-    rank-deficient matrix (measured: at most :math:`1.4\,\varepsilon\|A_f\|_1` for c = 2..64 in
-    float32 and float64), and such a pivot carries no correct digit. Since
-    :math:`\min_i|u_{ii}| \ge 1/(n\|A^{-1}\|_1)`, it only happens when
-    :math:`\kappa_1(A_f) \ge 1/(n^{3/2}\varepsilon)`.
+    A block counts as singular when its smallest pivot is at most :math:`2 n\,arepsilon\,s_f`, ``n``
+    the factorized size and :math:`s_f` its largest entry (:func:`_entry_scale`). Rounding alone
+    leaves pivots of that size in an exactly rank-deficient block (measured, c = 2..64, float32 and
+    float64: at most :math:`6arepsilon s_f`), and such a pivot has no correct digit; a block with
+    2-norm condition number 1e4 has its smallest pivot at :math:`5\cdot10^4arepsilon s_f` in
+    float32, far from the threshold.
     """
     pivots = LU.diagonal(dim1=-2, dim2=-1).abs()  # (f, n)
     n = pivots.shape[-1]
     lad = pivots.log().sum(-1)
     if backend == "lifted":
         lad = 0.5 * lad  # |det phi(A)| = |det A|^2
-    tol = math.sqrt(n) * torch.finfo(pivots.dtype).eps * norm1.to(pivots.dtype)
+    tol = 2 * n * torch.finfo(pivots.dtype).eps * scale.to(pivots.dtype)
     return torch.where(pivots.amin(-1) <= tol, torch.full_like(lad, -math.inf), lad)
 
 
@@ -276,7 +286,7 @@ class _LogAbsDet(torch.autograd.Function):
     @staticmethod
     def forward(ctx, blocks, mult, backend):
         LU, pivots, _ = _lu(blocks, backend)
-        lad = _block_logabsdet(LU, _norm1(blocks), backend)  # (f,)
+        lad = _block_logabsdet(LU, _entry_scale(blocks), backend)  # (f,)
         ctx.save_for_backward(LU, pivots, mult)
         ctx.backend = backend
         return (lad * mult).sum()
@@ -338,7 +348,8 @@ class SpectralFactorization:
         """Form the explicit inverse blocks and their exact condition numbers (no-op when done)."""
         if self.inverse_blocks is None:
             inverses = _inverse_from_lu(self.LU, self.pivots, self.backend)  # (h*w', c, c)
-            condition = torch.nan_to_num(self.norm1 * _norm1(inverses.detach()), nan=math.inf, posinf=math.inf)
+            condition = self.norm1 * _norm1(inverses.detach())
+            condition = torch.where(torch.isfinite(condition), condition, torch.full_like(condition, math.inf))
             if self.singular is not None:
                 condition = torch.where(self.singular, torch.full_like(condition, math.inf), condition)
             self.inverse_blocks, self.condition = inverses, condition
@@ -396,7 +407,7 @@ def factorize(weight: torch.Tensor, h: int, w: int, backend: str = "complex",
     blocks = blocks.reshape(-1, c, c)
     LU, pivots, info = _lu(blocks, backend)  # (h*w', n, n)
     norm1 = _norm1(blocks.detach())
-    lad = _block_logabsdet(LU, norm1, backend)
+    lad = _block_logabsdet(LU, _entry_scale(blocks.detach()), backend)
     mult = _multiplicity_table(h, w, weight.dtype, weight.device)
     fact = SpectralFactorization(LU, pivots, backend, (lad * mult).sum(), norm1, h, w,
                                  weight=weight.detach().clone(), singular=(lad.detach() == -math.inf) | (info > 0))

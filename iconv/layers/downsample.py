@@ -43,16 +43,32 @@ def _check_up(y: torch.Tensor) -> None:
         )
 
 
+def _unshuffle(x: torch.Tensor) -> torch.Tensor:
+    """``F.pixel_unshuffle(x, 2)``, also for an empty batch (where torch returns its input unchanged)."""
+    if x.shape[0]:
+        return F.pixel_unshuffle(x, 2)
+    b, c, h, w = x.shape
+    return x.new_zeros(b, 4 * c, h // 2, w // 2)
+
+
+def _shuffle(y: torch.Tensor) -> torch.Tensor:
+    """``F.pixel_shuffle(y, 2)``, also for an empty batch."""
+    if y.shape[0]:
+        return F.pixel_shuffle(y, 2)
+    b, c, h, w = y.shape
+    return y.new_zeros(b, c // 4, 2 * h, 2 * w)
+
+
 def _blocks(x: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """(B, C, H, W) -> x00, x01, x10, x11, each (B, C, H/2, W/2)."""
     b, c, h, w = x.shape
-    return F.pixel_unshuffle(x, 2).reshape(b, c, 4, h // 2, w // 2).unbind(2)
+    return _unshuffle(x).reshape(b, c, 4, h // 2, w // 2).unbind(2)
 
 
 def _unblocks(x00, x01, x10, x11) -> torch.Tensor:
     """Inverse of :func:`_blocks`: four (B, C, h, w) tensors -> (B, C, 2h, 2w)."""
     b, c, h, w = x00.shape
-    return F.pixel_shuffle(torch.stack([x00, x01, x10, x11], 2).reshape(b, 4 * c, h, w), 2)  # any memory layout
+    return _shuffle(torch.stack([x00, x01, x10, x11], 2).reshape(b, 4 * c, h, w))  # any memory layout
 
 
 def _zeros(x: torch.Tensor) -> torch.Tensor:
@@ -78,11 +94,11 @@ class Squeeze(Downsample2x2):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         _check_down(x)
-        return F.pixel_unshuffle(x, 2), _zeros(x)  # (B, 4C, H/2, W/2), (B,)
+        return _unshuffle(x), _zeros(x)  # (B, 4C, H/2, W/2), (B,)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
         _check_up(y)
-        return F.pixel_shuffle(y, 2)  # (B, C, 2h, 2w)
+        return _shuffle(y)  # (B, C, 2h, 2w)
 
 
 class NNDownsample(Downsample2x2):

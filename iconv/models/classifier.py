@@ -32,7 +32,8 @@ initialisation; only the switches differ.
   and the net has the same nine 3x3 convs. Which channels are kept is fixed (the last ones); the
   stage's last conv mixes all channels, so it learns what to put there.
   ``features(x)`` packs everything into one ``(B, 16k, H/4, W/4)`` tensor:
-  ``[stage-3 output (2k), squeeze(z2) (6k), squeeze^2(z1) (8k)]``, i.e. exactly ``k H W`` numbers
+  ``[stage-3 output (2k), S_2(z2) (6k), S_4(z1) (8k)]`` with ``S_r`` space-to-depth by ``r``
+  (``F.pixel_unshuffle``), i.e. exactly ``k H W`` numbers
   per image (the size of the channel-padded input). The head pools only the first ``2k`` channels
   (:attr:`ConvNet.head_channels`), the same number as in the ordinary rows; the factored-out parts
   are kept only so that the input can be recovered.
@@ -152,6 +153,31 @@ def _check_positive_int(name: str, value) -> int:
 
 
 
+def _check_sizes(in_channels, num_classes, width) -> tuple[int, int, int]:
+    in_channels = _check_positive_int("in_channels", in_channels)
+    num_classes = _check_positive_int("num_classes", num_classes)
+    width = _check_positive_int("width", width)
+    if width % 2:
+        raise ValueError(f"width must be even (half of stage 1's channels are downsampled), got {width}")
+    if width < in_channels:
+        raise ValueError(f"width ({width}) must be at least in_channels ({in_channels}): channels never shrink")
+    return in_channels, num_classes, width
+
+
+def _check_switches(padding, activation, downsample, init_scale, slope) -> None:
+    _check_choice("padding", padding, PADDINGS)
+    _check_choice("activation", activation, ACTIVATIONS)
+    _check_choice("downsample", downsample, DOWNSAMPLES)
+    if not (isinstance(init_scale, numbers.Real) and 0 < init_scale < 1e3):
+        raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
+    if not (isinstance(slope, numbers.Real) and 0 < slope < 1):
+        raise ValueError(f"slope must lie strictly between 0 and 1, got {slope!r}")
+    if downsample in INVERTIBLE_DOWNSAMPLES and (padding, activation) != ("circular", "sneaky"):
+        raise ValueError(f"downsample={downsample!r} builds the invertible factor-out network, which needs "
+                         f"padding='circular' and activation='sneaky'; got padding={padding!r}, "
+                         f"activation={activation!r} (use downsample='maxpool' for the other rows)")
+
+
 # --------------------------------------------------------------------------- the network
 
 
@@ -178,61 +204,51 @@ class ConvNet(nn.Module):
                  padding: str = "zeros", activation: str = "relu", downsample: str = "maxpool",
                  init_scale: float = 0.1, slope: float = 0.1):
         super().__init__()
-        in_channels = _check_positive_int("in_channels", in_channels)
-        num_classes = _check_positive_int("num_classes", num_classes)
-        width = _check_positive_int("width", width)
-        if width % 2:
-            raise ValueError(f"width must be even (half of stage 1's channels are downsampled), got {width}")
-        if width < in_channels:
-            raise ValueError(f"width ({width}) must be at least in_channels ({in_channels}): channels never shrink")
-        self.padding = _check_choice("padding", padding, PADDINGS)
-        self.activation = _check_choice("activation", activation, ACTIVATIONS)
-        self.downsample = _check_choice("downsample", downsample, DOWNSAMPLES)
-        if not (isinstance(init_scale, numbers.Real) and 0 < init_scale < 1e3):
-            raise ValueError(f"init_scale must be a positive number, got {init_scale!r}")
-        if not (isinstance(slope, numbers.Real) and 0 < slope < 1):
-            raise ValueError(f"slope must lie strictly between 0 and 1, got {slope!r}")
-        self.factor_out = self.downsample in INVERTIBLE_DOWNSAMPLES
-        if self.factor_out and (self.padding, self.activation) != ("circular", "sneaky"):
-            raise ValueError(f"downsample={downsample!r} builds the invertible factor-out network, which needs "
-                             f"padding='circular' and activation='sneaky'; got padding={padding!r}, "
-                             f"activation={activation!r} (use downsample='maxpool' for the other rows)")
+        in_channels, num_classes, width = _check_sizes(in_channels, num_classes, width)
+        _check_switches(padding, activation, downsample, init_scale, slope)
+        self.padding, self.activation, self.downsample = padding, activation, downsample
+        self.factor_out = downsample in INVERTIBLE_DOWNSAMPLES
         self.in_channels, self.num_classes, self.width = in_channels, num_classes, width
+        self.init_scale, self.slope = init_scale, slope
         #: The keyword arguments that rebuild this model: ``ConvNet(**net.arguments)``.
         self.arguments = dict(in_channels=in_channels, num_classes=num_classes, width=width, padding=padding,
                               activation=activation, downsample=downsample, init_scale=init_scale, slope=slope)
         k = width
         self.pad = ChannelPad(in_channels, k) if in_channels != k else None
         self._convs: list[tuple[str, nn.Module, int]] = []  # (name, conv, stage) in order
-
-        def stage(s: int, c: int):
-            blocks = []
-            for b in range(1, 4):
-                conv = (InvertibleConv2d(c, 3, bias=False, init_scale=init_scale) if padding == "circular"
-                        else ZeroPaddedConv2d(c, 3, init_scale=init_scale))
-                self._convs.append((f"stage{s}.block{b}", conv, s))
-                if self.factor_out:
-                    blocks.append(InvertibleSequential(conv, InvertibleBatchNorm2d(c), SneakyReLU(slope)))
-                else:
-                    act = nn.ReLU() if activation == "relu" else Forward(SneakyReLU(slope))
-                    blocks.append(nn.Sequential(Forward(conv) if padding == "circular" else conv,
-                                                nn.BatchNorm2d(c), act))
-            return blocks
-
         if self.factor_out:
             down = DOWNSAMPLERS[downsample]
             self.extractor = MultiScale(
-                [InvertibleSequential(*stage(1, k)), InvertibleSequential(down(), *stage(2, 2 * k)),
-                 InvertibleSequential(down(), *stage(3, 2 * k))],
+                [InvertibleSequential(*self._stage(1, k)), InvertibleSequential(down(), *self._stage(2, 2 * k)),
+                 InvertibleSequential(down(), *self._stage(3, 2 * k))],
                 factor_out=[k // 2, 3 * k // 2], in_channels=k)
         else:
-            self.extractor = nn.Sequential(*stage(1, k), nn.MaxPool2d(2), ChannelPad(k, 2 * k), *stage(2, 2 * k),
-                                           nn.MaxPool2d(2), *stage(3, 2 * k))
+            self.extractor = nn.Sequential(*self._stage(1, k), nn.MaxPool2d(2), ChannelPad(k, 2 * k),
+                                           *self._stage(2, 2 * k), nn.MaxPool2d(2), *self._stage(3, 2 * k))
         #: The head averages the first ``head_channels`` channels of ``features(x)``.
         self.head_channels = 2 * k
         self.feature_channels = 16 * k if self.factor_out else 2 * k
         self.head = nn.Linear(self.head_channels, num_classes)
         self.image_size: tuple[int, int] | None = None  # (H, W) of the last input seen
+
+    def _stage(self, s: int, c: int) -> list[nn.Module]:
+        """The three blocks ``conv 3x3 -> BatchNorm -> activation`` of stage ``s`` at ``c`` channels.
+
+        Invertible (``InvertibleSequential`` of invertible layers) in the factor-out
+        configurations, ordinary ``nn.Sequential`` otherwise; every conv is recorded in ``_convs``.
+        """
+        blocks = []
+        for b in range(1, 4):
+            conv = (InvertibleConv2d(c, 3, bias=False, init_scale=self.init_scale) if self.padding == "circular"
+                    else ZeroPaddedConv2d(c, 3, init_scale=self.init_scale))
+            self._convs.append((f"stage{s}.block{b}", conv, s))
+            if self.factor_out:
+                blocks.append(InvertibleSequential(conv, InvertibleBatchNorm2d(c), SneakyReLU(self.slope)))
+            else:
+                act = nn.ReLU() if self.activation == "relu" else Forward(SneakyReLU(self.slope))
+                blocks.append(nn.Sequential(Forward(conv) if self.padding == "circular" else conv,
+                                            nn.BatchNorm2d(c), act))
+        return blocks
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v!r}" for k, v in self.arguments.items())

@@ -22,11 +22,14 @@ reader-facing defects (from the probe, on the rendered page)
   Markdown table     Markdown table syntax in visible text: a |---| separator, or a line
                      "| a | b |" with at least three bars
   image without alt  an <img> whose alt is missing, empty or only its file name (myst-nb's
-                     default), unless marked decorative (aria-hidden="true", role="presentation");
-                     an SVG diagram (<object>) whose fallback text is its dot source
+                     default), unless marked decorative (aria-hidden="true", role="presentation")
+                     or drawn by the widget renderer (which has no alt to give); an SVG diagram
+                     (<object>) whose fallback text is its dot source
   horizontal overflow  the document is wider than the window, or a box in the article column
                      reaches past the column's edges without a scrolling container
-                     (overflow-x auto/scroll) around it, or a clipping box cuts its content off
+                     (overflow-x auto/scroll) around it, or a clipping box cuts its content off,
+                     or a scrolling container that is not code, an output or a table (e.g. a
+                     display equation) is narrower than its content
   visible setup cell a code cell whose source holds `from iconv.book import setup` is visible
                      (the setup line must be hidden: remove-input, remove-cell or hide-input)
 
@@ -79,6 +82,7 @@ OVERFLOW_HOW = {  # the probe's kinds of overflow (page_probe.js)
     "box": "reaches past the column's edge (no scrolling container around it)",
     "content": "lets its content spill past the column's edge",
     "clipped": "cuts its content off (overflow hidden; make it scroll)",
+    "scrolls": "scrolls sideways to show its content (only code and tables may; break the line)",
     "column": "(the article column) reaches past the window's edge",
 }
 
@@ -193,12 +197,29 @@ IMAGE_FILE = re.compile(r"\S+\.(?:png|jpe?g|gif|svg|webp|bmp)", re.I)
 DOT_SOURCE = re.compile(r"\b(?:di)?graph\b[^{]*\{|->|\w+\s*\[\s*\w+\s*=")
 
 
+def in_widget(node: Node) -> bool:
+    """Whether `node` was drawn by the ipywidgets renderer (inside a widget's view)."""
+    parent = node.parent
+    while parent is not None:
+        if any(c.startswith(("jupyter-widgets", "widget-")) for c in parent.classes()):
+            return True
+        parent = parent.parent
+    return False
+
+
 def alt_problems(dom: Node) -> list[str]:
-    """Images a screen reader cannot describe: no alt, an empty alt or only the file name."""
+    """Images a screen reader cannot describe: no alt, an empty alt or only the file name.
+
+    Images inside a widget's view are not checked: @jupyter-widgets/html-manager draws a plot
+    that an interactive widget saved in its state as an <img> without alt, and no notebook
+    metadata reaches it; the text around the widget has to say what it shows.
+    """
     found = []
     for n in dom.iter():
         decorative = (n.attrs.get("aria-hidden") == "true"
                       or n.attrs.get("role") in ("presentation", "none"))
+        if n.tag == "img" and in_widget(n):
+            continue
         if n.tag == "img" and not decorative:
             src = n.attrs.get("src", "")
             alt = n.attrs.get("alt")

@@ -20,6 +20,9 @@
   var SKIP = /^(SCRIPT|STYLE|PRE|CODE|KBD|SAMP|TT|TEXTAREA|NOSCRIPT|TEMPLATE|MJX-CONTAINER|MJX-ASSISTIVE-MML|SVG|MATH|OBJECT|IFRAME|CANVAS)$/;
   // Boxes that are meant to leave the text column (sphinx-book-theme's margin content).
   var WIDE_OK = ".margin, .sidebar, .full-width, aside, .bd-sidebar-secondary";
+  // Scrolling containers that may be wider inside than the column: code, outputs and tables.
+  var CODE_OR_TABLE = "pre, code, .highlight, [class*='highlight-'], .cell_output, .output, " +
+    ".pst-scrollable-table-container, .table-wrapper, .table-container, table";
   // Boxes whose inside is not the page's layout (MathJax's own boxes, SVG, embedded documents).
   var SKIP_BOX = /^(SCRIPT|STYLE|TEMPLATE|MJX-ASSISTIVE-MML|SVG|MATH|IFRAME|OBJECT|CANVAS)$/;
 
@@ -155,10 +158,19 @@
         if (r.width > 0 && r.height > 0 && past > 1 && visible(el)) {
           report(el, past, false, "box"); hit = true; continue;
         }
-        if (ox === "auto" || ox === "scroll") continue;  // scrolls inside itself: fine
+        if (ox === "auto" || ox === "scroll") {
+          // code and tables may scroll sideways; anything else (display math, text, figures)
+          // must fit the column
+          if (!el.matches(CODE_OR_TABLE) && !el.querySelector("table, pre")) {
+            var hidden = el.scrollWidth > el.clientWidth + 1 ? clippedBy(el, r) : 0;
+            if (hidden > 2 && visible(el)) { report(el, hidden, false, "scrolls"); hit = true; }
+          }
+          continue;
+        }
         if (ox === "hidden" || ox === "clip") {
           var cut = el.scrollWidth > el.clientWidth + 1 ? clippedBy(el, r) : 0;
-          if (cut > 2 && visible(el)) { report(el, cut, true, "clipped"); hit = true; }
+          if (cut > 2 && visible(el)) { report(el, cut, true, "clipped"); hit = true; continue; }
+          if (visit(el)) hit = true;  // e.g. a scrolling box inside it
           continue;
         }
         if (visit(el)) hit = true;
