@@ -1,10 +1,13 @@
-"""iconv.bench: the baselines compute the right thing, the timing loop interleaves, the CLI writes files.
+"""iconv.bench: the baselines compute the right thing, the timing loop interleaves, files round-trip,
+the training benchmark measures the right step, the CLI writes files.
 
 No assertion here depends on how fast anything ran.
 """
 import csv
 import json
 import math
+import os
+import stat
 import subprocess
 import sys
 import time
@@ -14,7 +17,7 @@ import torch
 from hypothesis import given, strategies as st
 
 from iconv import bench, fourier
-from iconv.circular import circular_conv2d, dense_conv_matrix
+from iconv.core.circular import circular_conv2d, dense_conv_matrix
 from tests.helpers import random_weight, relerr
 
 shapes = st.tuples(st.integers(1, 6), st.sampled_from([1, 3, 5]), st.integers(1, 9), st.integers(1, 9))
@@ -182,3 +185,174 @@ def test_cli_tiny_sweep_writes_csv_and_json(tmp_path):
     assert data["meta"]["device"] == "cpu" and data["meta"]["threads"] == 1
     assert data["meta"]["torch"] == torch.__version__
     assert [(r["c"], r["h"]) for r in data["rows"]] == [(p.c, p.m) for p in bench.sweep_points("tiny")]
+
+
+# ---------------------------------------------------------------- files: atomic, 0644, read back typed
+
+
+def _same_rows(a, b):
+    assert len(a) == len(b)
+    for ra, rb in zip(a, b):
+        assert set(ra) == set(rb)
+        for key in ra:
+            va, vb = ra[key], rb[key]
+            if isinstance(va, float) and math.isnan(va):
+                assert isinstance(vb, float) and math.isnan(vb), key
+            else:
+                assert va == vb and type(va) is type(vb), (key, va, vb)
+
+
+def test_read_csv_reverses_write_csv(tmp_path):
+    rows = [bench.measure_point(bench.Point("point", 3, 4), batch=2, repeats=1, warmup=0, dense_limit=10,
+                                contenders=["logdet_complex", "inverse_cached"]),
+            bench.measure_point(bench.Point("spatial", 2, 5), batch=2, repeats=1, warmup=0,
+                                contenders=["dense_logdet"])]
+    assert rows[0]["dense_note"] and not rows[1]["dense_note"]  # a string column with an empty value
+    path = tmp_path / "runtime.csv"
+    bench.write_csv(rows, path)
+    back = bench.read_csv(path)
+    _same_rows(rows, back)
+    assert isinstance(back[0]["c"], int) and isinstance(back[0]["conv_spatial_ms"], float)
+    assert math.isnan(back[0]["paper_inverse_ms"])  # not run: NaN, as in the rows
+
+
+def test_read_csv_on_handwritten_text(tmp_path):
+    path = tmp_path / "t.csv"
+    path.write_text("name,n,x,note\na,1,2.5,\nb,-3,nan,hi\n")
+    assert bench.read_csv(path)[1] == {"name": "b", "n": -3, "x": pytest.approx(float("nan"), nan_ok=True), "note": "hi"}
+    assert bench.read_csv(path)[0]["note"] == "" and bench.read_csv(path)[0]["x"] == 2.5
+
+
+@pytest.fixture
+def umask_022():
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def test_written_files_are_0644_and_a_failed_write_keeps_the_old_file(tmp_path, umask_022):
+    row = bench.measure_point(bench.Point("point", 2, 4), batch=2, repeats=1, warmup=0, contenders=["logdet_complex"])
+    csv_path, json_path = tmp_path / "r.csv", tmp_path / "r.json"
+    bench.write_csv([row], csv_path)
+    bench.write_json([row], json_path, {"torch": torch.__version__})
+    for path in (csv_path, json_path):
+        assert stat.S_IMODE(os.stat(path).st_mode) == 0o644, oct(os.stat(path).st_mode)
+    assert json.loads(json_path.read_text())["rows"][0]["paper_inverse_ms"] is None  # NaN -> null
+    before = csv_path.read_bytes()
+    with pytest.raises(ValueError):  # a row with a column the header lacks: nothing is written
+        bench.write_csv([{**row, "unexpected": 1}], csv_path)
+    assert csv_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]  # no temporary file left
+
+
+# ---------------------------------------------------------------- timing statistics
+
+
+def test_spread_and_paired_ratios():
+    values = [5.0, 1.0, 3.0, 2.0, 4.0]
+    s = bench.spread(values)
+    assert (s["median"], s["q1"], s["q3"]) == (3.0, 2.0, 4.0)  # inclusive quartiles
+    assert s["rel_iqr"] == pytest.approx(2.0 / 3.0)
+    one = bench.spread([2.0])
+    assert one["median"] == one["q1"] == one["q3"] == 2.0 and math.isnan(one["rel_iqr"])
+    assert bench.paired_ratios([2.0, 9.0, 4.0], [1.0, 3.0]) == [2.0, 3.0]
+    with pytest.raises(ValueError, match="at least one"):
+        bench.spread([])
+
+
+# ---------------------------------------------------------------- training throughput
+
+
+def test_peak_memory_on_the_cpu_replays_allocations_in_order():
+    """Two 4 MB buffers alive together peak at 8 MB; three made and dropped one by one peak at 4 MB."""
+    n = 1_000_000  # float32: 4,000,000 bytes
+
+    def together():
+        a = torch.ones(n)
+        b = torch.ones(n)
+        return a, b
+
+    def one_at_a_time():
+        for _ in range(3):
+            torch.ones(n)
+
+    peak, method = bench.peak_memory(together)
+    assert method == "torch.profiler" and 8_000_000 <= peak < 8_000_000 + 100_000
+    peak, _ = bench.peak_memory(one_at_a_time)
+    assert 4_000_000 <= peak < 4_000_000 + 100_000
+
+
+def test_build_models_match_parameter_counts():
+    from iconv.models.glow import matching_hidden_width
+
+    models = bench.build_models((1, 8, 8), depth=2)
+    conv, glow = models["convflow"], models["glow"]
+    assert type(conv).__name__ == "ConvFlow" and type(glow).__name__ == "GlowBaseline"
+    assert glow.arguments["hidden"] == matching_hidden_width((1, 8, 8), conv.num_parameters(), 1)
+    assert abs(glow.num_parameters() - conv.num_parameters()) <= 0.1 * conv.num_parameters()
+    with pytest.raises(ValueError, match="unknown model"):
+        bench.build_models((1, 8, 8), models=["realnvp"])
+
+
+def test_training_step_is_forward_and_backward_of_the_mean_nll():
+    model = bench.build_models((1, 4, 4), depth=1, models=["convflow"])["convflow"].double()
+    x = torch.rand(3, 1, 4, 4, dtype=torch.float64) * 0.9 + 0.05
+    loss = bench.training_step(model, x)()
+    grads = [p.grad.clone() for p in model.parameters()]
+    expected = -model.log_prob(x).mean()
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-12)
+    reference = torch.autograd.grad(expected, list(model.parameters()))
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r, rtol=1e-10, atol=1e-12)
+    bench.training_step(model, x)()  # gradients are cleared, not accumulated
+    for g, p in zip(grads, model.parameters()):
+        torch.testing.assert_close(p.grad, g, rtol=1e-10, atol=1e-12)
+
+
+def test_measure_training_rows_and_ratios():
+    threads_before = torch.get_num_threads()
+    rows = bench.measure_training((1, 4, 4), depth=2, batch=2, threads=(1,), repeats=3, warmup=1)
+    assert torch.get_num_threads() == threads_before
+    assert [r["model"] for r in rows] == ["convflow", "glow"]
+    conv, glow = rows
+    for r in rows:
+        assert list(r) == bench.training_columns()
+        assert r["threads"] == 1 and r["repeats"] == 3 and r["batch"] == 2 and r["image"] == "1x4x4"
+        assert r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"] and r["steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
+        assert r["peak_mib"] > 0 and r["memory_method"] == "torch.profiler"
+    assert conv["depth"] == "2" and conv["hidden"] == 0 and glow["depth"] == "1" and glow["hidden"] > 0
+    assert glow["time_vs_baseline"] == 1.0 and glow["memory_vs_baseline"] == 1.0
+    assert conv["time_vs_baseline"] == pytest.approx(conv["step_ms"] / glow["step_ms"])
+    assert conv["memory_vs_baseline"] == pytest.approx(conv["peak_mib"] / glow["peak_mib"])
+    table = bench.format_training_table(rows)
+    assert "ConvFlow" in table and "Glow baseline" in table and "torch.profiler" in table
+    with pytest.raises(ValueError, match="threads must be positive"):
+        bench.measure_training((1, 4, 4), depth=1, threads=(0,))
+
+
+def test_cli_training_writes_a_csv_that_reads_back(tmp_path):
+    path = tmp_path / "training.csv"
+    result = subprocess.run(
+        [sys.executable, "-m", "iconv.bench", "--training", "--image", "1x4x4", "--depth", "1", "--batch", "2",
+         "--threads", "1", "--repeats", "2", "--warmup", "1", "--device", "cpu", "--csv", str(path)],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stderr
+    assert "steps/s" in result.stdout and "ConvFlow" in result.stdout
+    rows = bench.read_csv(path)
+    assert [r["model"] for r in rows] == ["convflow", "glow"] and list(rows[0]) == bench.training_columns()
+    assert rows[1]["time_vs_baseline"] == 1.0 and rows[0]["threads"] == 1
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--training", "--image", "1x28"], "CxHxW"),
+    (["--training", "--threads", "0"], "positive thread counts"),
+    (["--point", "4x4", "--threads", "1,2"], "one count"),
+])
+def test_cli_bad_training_arguments(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err

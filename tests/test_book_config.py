@@ -267,6 +267,7 @@ def test_ci_setup_installs_the_book_tools():
 
 # --------------------------------------------------------------------------- tools/figure_alt.py
 def test_figure_alt_uses_the_caption_only_when_alt_is_missing():
+    """Plots and diagrams in a captioned figure get the caption as alt; others stay as they are."""
     from docutils import nodes
 
     figure_alt = load_tool("figure_alt")
@@ -275,7 +276,13 @@ def test_figure_alt_uses_the_caption_only_when_alt_is_missing():
     doc += nodes.figure("", captioned, nodes.caption("", "Loss  against\nsteps."))
     doc += nodes.figure("", explicit, nodes.caption("", "A caption"))
     doc += nodes.paragraph("", "", bare)
+    from sphinx.ext.graphviz import graphviz
+
+    diagram, bare_diagram = graphviz(code="digraph { a -> b }"), graphviz(code="digraph { c -> d }")
+    doc += nodes.figure("", diagram, nodes.caption("", "The Fourier pipeline, for |A_f| < 1."))
+    doc += bare_diagram
     figure_alt.add_alt_from_captions(None, doc, "page")
     assert captioned["alt"] == "Loss against steps."  # the caption, on one line
     assert explicit["alt"] == "Own text"
-    assert "alt" not in bare  # no caption: stays without alt, so the page check fails it
+    assert diagram["alt"] == "The Fourier pipeline, for |A_f| &lt; 1."  # Sphinx writes it unescaped
+    assert "alt" not in bare and "alt" not in bare_diagram  # no caption: the page check fails them

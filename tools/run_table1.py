@@ -1,24 +1,27 @@
-"""Rebuild the paper's Table 1 (the path to invertibility) with iconv.classifier, outside CI.
+"""Rebuild the paper's Table 1 (the path to invertibility) with iconv, outside CI.
 
-Trains every row of ``iconv.classifier.TABLE1`` (plus the iAvgPool2d row again with the spectral
-penalty) with the shared trainer ``iconv.train.fit``, checkpointing each run so that an
-interrupted job resumes where it stopped, and writes one JSON with the measured accuracies, the
+Trains every row of ``iconv.configs.TABLE1`` (plus the iAvgPool2d row again with the spectral
+penalty ``iconv.configs.TABLE1_PENALTY``) as the experiments ``iconv.configs.classifier(size, row,
+penalty)``, run by ``iconv.train.run`` and checkpointed so that an interrupted job resumes where it
+stopped (``resume="if-exists"``), and writes one JSON with the measured accuracies, the
 conditioning history of every run and the float32 reconstruction error of the invertible ones:
 
-    python tools/run_table1.py --preset cpu --jobs 2 --out book/results/classifier/table1_cpu.json
+    python tools/run_table1.py --size cpu --jobs 2 --work runs/table1-cpu \
+        --out book/results/classifier/table1_cpu.json
 
-Presets (explicit flags override them):
+The sizes are those of ``iconv.configs`` (explicit flags override them):
 
-    ci     Fashion-MNIST, width 8,    60 steps of 32  (what the chapter trains at its ci size)
+    ci     Fashion-MNIST, width 8,    60 steps of 32  (what chapter 9 trains at its ci size)
     cpu    Fashion-MNIST, width 16, 1500 steps of 64  (the larger CPU run, ~40 min on 2 cores)
     gpu    CIFAR-10, width 64, 15 epochs of 128, augmentation  (Colab GPU)
     paper  CIFAR-10, width 64, 100 epochs of 50, SGD lr 0.1, augmentation (the paper's settings)
 
-Logs and checkpoints go to ``--work`` (default /tmp/iconv-runs/table1-<preset>/).
+Checkpoints go to ``--work`` (default ``runs/table1-<size>`` in the current folder).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -27,55 +30,49 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-PRESETS = {
-    "ci": dict(data="fashion-mnist", width=8, steps=60, epochs=None, batch_size=32, lr=0.1, warmup=10,
-               weight_decay=5e-4, augment=False, eval_every=10, eval_size=2000),
-    "cpu": dict(data="fashion-mnist", width=16, steps=1500, epochs=None, batch_size=64, lr=0.05, warmup=50,
-                weight_decay=5e-4, augment=False, eval_every=150, eval_size=None),
-    "gpu": dict(data="cifar10", width=64, steps=None, epochs=15, batch_size=128, lr=0.1, warmup=200,
-                weight_decay=5e-4, augment=True, eval_every=1000, eval_size=None),
-    "paper": dict(data="cifar10", width=64, steps=None, epochs=100, batch_size=50, lr=0.1, warmup=0,
-                  weight_decay=5e-4, augment=True, eval_every=5000, eval_size=None),
-}
-PENALTY = dict(spectral_weight=1.0, spectral_floor=0.2)
-
 
 def run_names():
-    from iconv.classifier import TABLE1
+    """``(name, row index, penalty)`` of the seven runs."""
+    from iconv.configs import TABLE1
 
     names = [(f"row{i + 1}", i, False) for i in range(len(TABLE1))]
     return names + [("row6+penalty", 5, True)]
+
+
+def experiment(size: str, row: int, penalty: bool, overrides: dict, seed: int):
+    """The configured experiment of one run, with the command line's overrides."""
+    from iconv import configs
+
+    e = configs.classifier(size, row, penalty)
+    training = {k: v for k, v in overrides.items() if k in ("steps", "epochs", "batch_size", "lr")}
+    if "steps" in training:
+        training["epochs"] = None
+    elif "epochs" in training:
+        training["steps"] = None
+    model = {"width": overrides["width"]} if "width" in overrides else {}
+    evaluation = {"every": overrides["eval_every"]} if "eval_every" in overrides else {}
+    return e.replace(training=training, model=model, evaluation=evaluation, seed=seed)
 
 
 def train_one(job: dict) -> dict:
     """One configuration, in its own process (``threads`` CPU threads)."""
     import torch
 
-    from iconv import data
-    from iconv.classifier import TABLE1, ConvNet, evaluate_classifier, make_loss, reconstruction_error
-    from iconv.train import TrainConfig, fit
+    from iconv.configs import TABLE1
+    from iconv.evaluation import reconstruction_error
+    from iconv.train import run
 
     torch.set_num_threads(job["threads"])
-    s, name, row = job["settings"], job["name"], TABLE1[job["row"]]
-    kwargs = {"download": True} if s["data"] == "cifar10" and job["download"] else {}
-    train_x, train_y = data.load(s["data"], "train", **kwargs)
-    test_x, test_y = data.load(s["data"], "test", **kwargs)
-    if s["eval_size"]:
-        test_x, test_y = test_x[: s["eval_size"]], test_y[: s["eval_size"]]
-    steps = s["steps"] or int(round(s["epochs"] * (len(train_x) // s["batch_size"])))
-    torch.manual_seed(job["seed"])
-    net = ConvNet(train_x.shape[1], 10, s["width"], **row.switches)
-    penalty = PENALTY if job["penalty"] else {}
-    config = TrainConfig(steps=steps, batch_size=s["batch_size"], lr=s["lr"], optimizer="sgd", momentum=0.9,
-                         weight_decay=s["weight_decay"], warmup=s["warmup"], schedule="cosine",
-                         eval_every=s["eval_every"], checkpoint_every=s["eval_every"], seed=job["seed"],
-                         device=job["device"], log_every=10)
+    name, row = job["name"], TABLE1[job["row"]]
+    e = experiment(job["size"], job["row"], job["penalty"], job["overrides"], job["seed"])
     start = time.time()
-    history = fit(net, make_loss(augment=s["augment"], **penalty), train_x, train_y, config=config,
-                  evaluate=lambda m: evaluate_classifier(m, test_x, test_y, 500, reconstruct=64),
-                  checkpoint_path=Path(job["work"]) / f"{name}.pt", resume=True, progress=job["progress"])
-    result = {
-        "name": name, "change": row.change, "switches": row.switches, "penalty": penalty or None,
+    result = run(e, checkpoint=Path(job["work"]) / f"{name}.pt", resume="if-exists", device=job["device"],
+                 progress=job["progress"], download=job["download"], log_every=10)
+    net, history = result.model, result.history
+    out = {
+        "name": name, "change": row.change, "switches": row.switches,
+        "penalty": {"spectral_weight": e.training.spectral_weight, "spectral_floor": e.training.spectral_floor}
+        if job["penalty"] else None,
         "paper_accuracy": row.paper_accuracy, "paper_change": row.paper_change, "compared_with": row.compared_with,
         "parameters": net.effective_parameter_count(), "steps": history.steps, "stopped": history.stopped,
         "train_seconds": history.train[-1]["seconds"] if history.train else None,
@@ -86,32 +83,34 @@ def train_one(job: dict) -> dict:
     }
     if net.is_invertible:
         net.cpu().float().eval()
-        result["reconstruction_float32"] = reconstruction_error(net, test_x[:256])
-        result["reconstruction_float64"] = reconstruction_error(net.double(), test_x[:256])
-    return result
+        out["reconstruction_float32"] = reconstruction_error(net, result.test_images[:256])
+        out["reconstruction_float64"] = reconstruction_error(net.double(), result.test_images[:256])
+    return out
 
 
-def save_reconstructions(work: Path, settings: dict, png: str, names=("row6", "row6+penalty"), n: int = 8) -> dict:
+def save_reconstructions(work: Path, size: str, png: str, names=("row6", "row6+penalty"), n: int = 8) -> dict:
     """Test images and their float32 reconstructions ``inverse(features(x))`` by the trained
-    networks of ``names`` (read from their checkpoints in ``work``), as one PNG; returns the errors."""
+    networks of ``names`` (read with ``iconv.load`` from their checkpoints in ``work``), as one PNG;
+    returns the errors."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
-    from iconv import data
-    from iconv.classifier import TABLE1, ConvNet, prepare_images, reconstruction_error
-    from iconv.train import load_checkpoint
+    import iconv
+    from iconv import configs
+    from iconv.data import prepare_images
+    from iconv.evaluation import reconstruction_error
+    from iconv.train import atomic_write, load_data, read_checkpoint
 
-    test_x, _ = data.load(settings["data"], "test")
+    state = read_checkpoint(work / f"{names[0]}.pt")
+    e = configs.Experiment.from_dict(state["experiment"]) if state["experiment"] else configs.classifier(size)
+    test_x = load_data(e.data)[2]
     images = test_x[:n]
     rows, errors = [("test images", prepare_images(images))], {}
     for name in names:
-        row = TABLE1[int(name[3]) - 1]
-        net = ConvNet(test_x.shape[1], 10, settings["width"], **row.switches)
-        load_checkpoint(work / f"{name}.pt", net)
-        net.eval()
+        net = iconv.load(work / f"{name}.pt")
         with torch.no_grad():
             x_back = net.inverse(net.features(prepare_images(images)))
         errors[name] = reconstruction_error(net, test_x[:256])["relative_error"]
@@ -124,17 +123,22 @@ def save_reconstructions(work: Path, settings: dict, png: str, names=("row6", "r
             axes[r, c].imshow(img, cmap="gray", vmin=0, vmax=1)
             axes[r, c].axis("off")
         axes[r, 0].set_title(title, fontsize=8, loc="left")
-    fig.suptitle(f"inverse(features(x)) in float32, {settings['data']}, width {settings['width']}, "
-                 f"{settings['steps']} steps (measured outside CI)", fontsize=9)
+    steps = e.training.steps if e.training.steps is not None else f"{e.training.epochs:g} epochs of"
+    fig.suptitle(f"inverse(features(x)) in float32, {e.data.name}, width {e.model.width}, "
+                 f"{steps} steps (measured outside CI)", fontsize=9)
     fig.subplots_adjust(hspace=0.35, wspace=0.05)
-    fig.savefig(png, dpi=90, bbox_inches="tight")
-    plt.close(fig)
+    try:
+        atomic_write(png, lambda f: fig.savefig(f, format="png", dpi=90, bbox_inches="tight"))
+    finally:
+        plt.close(fig)
     return errors
 
 
 def main(argv=None) -> int:
+    from iconv import configs
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--preset", choices=tuple(PRESETS), default="cpu")
+    parser.add_argument("--size", "--preset", choices=configs.CLASSIFIER_SIZES, default="cpu")
     for key in ("width", "steps", "batch_size", "eval_every"):
         parser.add_argument("--" + key.replace("_", "-"), type=int)
     parser.add_argument("--epochs", type=float)
@@ -145,34 +149,33 @@ def main(argv=None) -> int:
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
     parser.add_argument("--rows", default=None, help="comma-separated run names (default: all)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--work", default=None, help="checkpoints (default /tmp/iconv-runs/table1-<preset>)")
+    parser.add_argument("--work", default=None, help="checkpoints (default: runs/table1-<size> here)")
     parser.add_argument("--out", default=None, help="JSON file for the results (required unless --pictures-only)")
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--pictures", default=None, help="PNG of float32 reconstructions by the trained row 6 nets")
     parser.add_argument("--pictures-only", action="store_true", help="only draw --pictures from the checkpoints")
     args = parser.parse_args(argv)
 
-    settings = dict(PRESETS[args.preset])
-    for key in ("width", "steps", "batch_size", "eval_every", "lr", "epochs"):
-        if getattr(args, key) is not None:
-            settings[key] = getattr(args, key)
-    if args.steps is not None:
-        settings["epochs"] = None
-    elif args.epochs is not None:
-        settings["steps"] = None
-    work = Path(args.work or f"/tmp/iconv-runs/table1-{args.preset}")
+    overrides = {k: getattr(args, k) for k in ("width", "steps", "batch_size", "eval_every", "lr", "epochs")
+                 if getattr(args, k) is not None}
+    try:  # check the overrides once, before any process starts
+        experiment(args.size, 0, False, overrides, args.seed)
+    except ValueError as err:
+        parser.error(str(err))
+    work = Path(args.work or Path("runs") / f"table1-{args.size}")
     work.mkdir(parents=True, exist_ok=True)
     if args.pictures_only:
         if not args.pictures:
             parser.error("--pictures-only needs --pictures PNG")
-        print(save_reconstructions(work, settings, args.pictures))
+        print(save_reconstructions(work, args.size, args.pictures))
         return 0
-    wanted = None if args.rows is None else set(args.rows.split(","))
-    jobs = [dict(name=name, row=row, penalty=penalty, settings=settings, work=str(work), threads=args.threads,
-                 device=args.device, download=args.download, seed=args.seed, progress=args.progress)
-            for name, row, penalty in run_names() if wanted is None or name in wanted]
     if args.out is None:
         parser.error("--out JSON is required")
+    wanted = None if args.rows is None else set(args.rows.split(","))
+    jobs = [dict(name=name, row=row, penalty=penalty, size=args.size, overrides=overrides, work=str(work),
+                 threads=args.threads, device=args.device, download=args.download, seed=args.seed,
+                 progress=args.progress)
+            for name, row, penalty in run_names() if wanted is None or name in wanted]
     start = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -181,24 +184,27 @@ def main(argv=None) -> int:
         results = [train_one(job) for job in jobs]
     import torch
 
+    from iconv.train import atomic_write_json
+
+    e = experiment(args.size, 0, False, overrides, args.seed)
+    settings = {"data": e.data.name, "width": e.model.width, **dataclasses.asdict(e.training),
+                "eval_every": e.evaluation.every, "eval_size": e.data.test_images}
     out = {
-        "what": "Table 1 of Finzi et al. (2019) rebuilt with iconv.classifier; measured outside CI",
-        "preset": args.preset, "settings": settings, "penalty_settings": PENALTY, "seed": args.seed,
+        "what": "Table 1 of Finzi et al. (2019) rebuilt with iconv; measured outside CI",
+        "preset": args.size, "settings": settings, "penalty_settings": configs.TABLE1_PENALTY, "seed": args.seed,
+        "experiment": e.to_dict(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{args.jobs} job(s) x {args.threads} thread(s), shared with other work",
         "wall_seconds": time.time() - start, "runs": results,
     }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(args.out).with_suffix(".tmp")
-    tmp.write_text(json.dumps(out, indent=1))
-    os.replace(tmp, args.out)
+    atomic_write_json(args.out, out)
     for r in results:
         rec = r.get("reconstruction_float32", {}).get("relative_error")
         print(f"{r['name']:13s} {r['change']:42s} acc {100 * r['test_accuracy']:.2f}% (paper {r['paper_accuracy']})"
               + (f"  float32 reconstruction {rec:.2e}" if rec is not None else ""))
     print(f"wall {out['wall_seconds']:.0f} s -> {args.out}")
     if args.pictures:
-        print(save_reconstructions(work, settings, args.pictures))
+        print(save_reconstructions(work, args.size, args.pictures))
     return 0
 
 

@@ -62,7 +62,16 @@ def inside():
 
 
 class InvertibleModule(nn.Module):
-    """Base class of every invertible layer and model: ``forward(x) -> (y, logabsdet (B,))``, ``inverse(y) -> x``."""
+    r"""Base class of every invertible layer and model: ``forward(x) -> (y, logabsdet)``, ``inverse(y) -> x``.
+
+    A subclass implements a bijection :math:`f` acting on each sample of a batch separately:
+    ``forward(x)`` returns :math:`y_b = f(x_b)` and :math:`\log|\det Df(x_b)|` with shape ``(B,)``
+    (the Jacobian of the flattened sample, so a sample's :math:`D` numbers map to :math:`D`
+    numbers), ``inverse(y)`` returns :math:`f^{-1}(y_b)`. Both keep the input's dtype and device.
+    It overrides ``output_shape`` when it reshapes, and ``transform`` when the log-determinant
+    costs extra work. Validation of the caller's input is done only :func:`at_boundary`.
+    tests/test_protocol.py checks every subclass the package exports against this contract.
+    """
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement forward(x) -> (y, logabsdet)")
