@@ -178,28 +178,9 @@ def download_file(
     dest.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     tmp = Path(tmp_name)
-    h = hashlib.new("md5", usedforsecurity=False)
     try:
         with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=timeout) as resp:
-                    length = resp.headers.get("Content-Length")
-                    bar = _progress_bar(int(length) if length else None, dest.name, progress)
-                    try:
-                        for chunk in iter(lambda: resp.read(1 << 20), b""):
-                            out.write(chunk)
-                            h.update(chunk)
-                            if bar is not None:
-                                bar.update(len(chunk))
-                    finally:
-                        if bar is not None:
-                            bar.close()
-            except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
-                raise ConnectionError(
-                    f"could not download {url} ({err}). If this machine is offline, download it "
-                    f"elsewhere and copy it to {dest}"
-                ) from err
-        digest = h.hexdigest()
+            digest = _stream(url, out, dest, timeout, progress)
         if digest != md5:
             raise ChecksumError(
                 f"md5 mismatch for {url}: got {digest}, expected {md5}; the download is corrupt "
@@ -210,6 +191,30 @@ def download_file(
         if tmp.exists():
             tmp.unlink()
     return dest
+
+
+def _stream(url: str, out, dest: Path, timeout: float, progress: bool) -> str:
+    """Copy ``url`` into the open binary file ``out`` in 1 MiB chunks; return the MD5 of the data."""
+    h = hashlib.new("md5", usedforsecurity=False)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            length = resp.headers.get("Content-Length")
+            bar = _progress_bar(int(length) if length else None, dest.name, progress)
+            try:
+                for chunk in iter(lambda: resp.read(1 << 20), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    if bar is not None:
+                        bar.update(len(chunk))
+            finally:
+                if bar is not None:
+                    bar.close()
+    except (urllib.error.URLError, http.client.HTTPException, TimeoutError, ConnectionError) as err:
+        raise ConnectionError(
+            f"could not download {url} ({err}). If this machine is offline, download it "
+            f"elsewhere and copy it to {dest}"
+        ) from err
+    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- idx files

@@ -322,7 +322,7 @@ def test_measure_training_rows_and_ratios():
         assert r["threads"] == 1 and r["repeats"] == 3 and r["batch"] == 2 and r["image"] == "1x4x4"
         assert r["step_ms_q1"] <= r["step_ms"] <= r["step_ms_q3"] and r["steps_per_s"] == pytest.approx(1e3 / r["step_ms"])
         assert r["peak_mib"] > 0 and r["memory_method"] == "torch.profiler"
-    assert conv["depth"] == "2" and conv["hidden"] == 0 and glow["depth"] == "1" and glow["hidden"] > 0
+    assert conv["depth"] == "2/2" and conv["hidden"] == 0 and glow["depth"] == "1/1" and glow["hidden"] > 0
     assert glow["time_vs_baseline"] == 1.0 and glow["memory_vs_baseline"] == 1.0
     assert conv["time_vs_baseline"] == pytest.approx(conv["step_ms"] / glow["step_ms"])
     assert conv["memory_vs_baseline"] == pytest.approx(conv["peak_mib"] / glow["peak_mib"])

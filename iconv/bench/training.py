@@ -187,7 +187,10 @@ def measure_training(
             if count is not None:
                 torch.set_num_threads(count)
             samples = time_interleaved(steps, repeats=repeats, warmup=warmup, device=device)
-            peaks = {name: peak_memory(step, device) if memory else (float("nan"), "") for name, step in steps.items()}
+            peaks = {}
+            for name, step in steps.items():  # from a state without gradients, as after zero_grad(set_to_none)
+                built[name].zero_grad(set_to_none=True)
+                peaks[name] = peak_memory(step, device) if memory else (math.nan, "")
             for name, model in built.items():
                 stats = spread(samples[name])
                 ratio = spread(paired_ratios(samples[name], samples[BASELINE])) if BASELINE in samples else None
