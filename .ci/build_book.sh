@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the book and check every built page in headless Chromium.
 #
-#   bash .ci/build_book.sh
+#   bash .ci/build_book.sh        (after bash .ci/setup.sh, which makes the virtual environment)
 #
 # 1. jupyter-book executes every notebook listed in _toc.yml (ICONV_SIZE=ci unless set),
 #    treating any warning (-W, nitpicky -n) or failing cell as an error; --keep-going reports
@@ -13,6 +13,8 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root="$(pwd)"
+source .ci/env.sh
+enter_venv "${ICONV_VENV}"  # the environment made by .ci/setup.sh
 
 # Notebooks run with cwd=book/; make the working tree's package importable even when it
 # is not pip-installed, and build at the CPU size.

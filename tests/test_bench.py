@@ -324,6 +324,8 @@ def test_measure_training_rows_and_ratios():
         assert r["peak_mib"] > 0 and r["memory_method"] == "torch.profiler"
     assert conv["depth"] == "2/2" and conv["hidden"] == 0 and glow["depth"] == "1/1" and glow["hidden"] > 0
     assert glow["time_vs_baseline"] == 1.0 and glow["memory_vs_baseline"] == 1.0
+    assert glow["time_vs_baseline_paired"] == glow["time_vs_baseline_q1"] == glow["time_vs_baseline_q3"] == 1.0
+    assert conv["time_vs_baseline_q1"] <= conv["time_vs_baseline_paired"] <= conv["time_vs_baseline_q3"]
     assert conv["time_vs_baseline"] == pytest.approx(conv["step_ms"] / glow["step_ms"])
     assert conv["memory_vs_baseline"] == pytest.approx(conv["peak_mib"] / glow["peak_mib"])
     table = bench.format_training_table(rows)

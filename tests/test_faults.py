@@ -20,7 +20,6 @@ import iconv
 from iconv import losses
 from iconv.train import main, read_checkpoint, write_checkpoint
 from iconv.train.checkpoint import digest
-from iconv.train.experiment import History, write_outputs
 from iconv.train.files import remove_stale_temporaries
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,67 +114,91 @@ def test_kill_9_during_training_then_resume_is_bitwise_an_uninterrupted_run(tmp_
 # ----------------------------------------------------------------------------- kill -9 during a write
 
 
-def killed_during(write, target, how="before the rename"):
-    """Run ``write()`` in a forked child that SIGKILLs itself in the middle of the atomic write of
-    ``target``: after the data reached the temporary file (at its fsync), or half-way through the data."""
-    pid = os.fork()
-    if pid == 0:  # the child
-        try:
-            if how == "before the rename":
-                fsync = os.fsync
-
-                def fsync_or_die(fd):
-                    if os.readlink(f"/proc/self/fd/{fd}").startswith(str(target.parent / f".{target.name}.")):
-                        os.kill(os.getpid(), signal.SIGKILL)
-                    fsync(fd)
-
-                os.fsync = fsync_or_die
-            else:
-                def half_then_die(obj, f, *a, **k):
-                    f.write(b"\x00" * 1000)
-                    f.flush()
-                    os.kill(os.getpid(), signal.SIGKILL)
-
-                torch.save = half_then_die
-            write()
-        finally:
-            os._exit(0)  # only if the write never reached the kill
-    _, status = os.waitpid(pid, 0)
-    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
-
-
-def small_flow():
-    torch.manual_seed(0)
-    return iconv.ConvFlow((1, 4, 4), depth=1)
-
-
-WRITES = {
-    "checkpoint": lambda out, v: write_checkpoint(out / "c.pt", small_flow(), step=v),
-    "history.json": lambda out, v: write_outputs(out, History(completed_steps=v), {"steps": 0}),
-    "metrics.json": lambda out, v: write_outputs(out, History(), {"steps": v}),
-    "samples.png": lambda out, v: write_outputs(out, History(), {}, torch.full((1, 1, 4, 4), v / 10)),
-}
 FILES = {"checkpoint": "c.pt", "history.json": "history.json", "metrics.json": "metrics.json",
          "samples.png": "samples.png"}
+WRITE_KILLER = textwrap.dedent("""
+    # For every kind of write: write version 1, then fork a child that writes version 2 and is
+    # killed (SIGKILL) inside the atomic write; record how the child ended. A fresh process with one
+    # thread that has computed nothing in parallel, so that fork is safe.
+    import json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot
+    import iconv
+    from iconv.train import write_checkpoint
+    from iconv.train.experiment import History, write_outputs
+
+    root = sys.argv[1]
+    torch.manual_seed(0)
+    flow = iconv.ConvFlow((1, 4, 4), depth=1)
+    writes = {
+        "checkpoint": ("c.pt", lambda out, v: write_checkpoint(os.path.join(out, "c.pt"), flow, step=v)),
+        "history.json": ("history.json", lambda out, v: write_outputs(out, History(completed_steps=v), {})),
+        "metrics.json": ("metrics.json", lambda out, v: write_outputs(out, History(), {"steps": v})),
+        "samples.png": ("samples.png",
+                        lambda out, v: write_outputs(out, History(), {}, torch.full((1, 1, 4, 4), v / 10))),
+    }
+    status = {}
+    for how in ("before the rename", "half-way"):
+        for kind, (name, write) in writes.items():
+            if how == "half-way" and kind != "checkpoint":
+                continue  # only the checkpoint is written by torch.save
+            out = os.path.join(root, how.replace(" ", "-"), kind)
+            os.makedirs(out)
+            write(out, 1)
+            prefix = os.path.join(out, "." + name + ".")
+            pid = os.fork()
+            if pid == 0:
+                if how == "before the rename":  # the data is in the temporary file: die at its fsync
+                    fsync = os.fsync
+                    def fsync_or_die(fd):
+                        if os.readlink(f"/proc/self/fd/{fd}").startswith(prefix):
+                            os.kill(os.getpid(), signal.SIGKILL)
+                        fsync(fd)
+                    os.fsync = fsync_or_die
+                else:  # die half-way through the data
+                    def half_then_die(obj, f, *a, **k):
+                        f.write(bytes(1000))
+                        f.flush()
+                        os.kill(os.getpid(), signal.SIGKILL)
+                    torch.save = half_then_die
+                write(out, 2)
+                os._exit(0)  # only if the write never reached the kill
+            _, code = os.waitpid(pid, 0)
+            status[f"{how}/{kind}"] = os.WTERMSIG(code) if os.WIFSIGNALED(code) else -1
+    print(json.dumps(status))
+""")
 
 
-@pytest.mark.parametrize("how", ["before the rename", "half-way"])
-@pytest.mark.parametrize("kind", list(WRITES))
-def test_kill_9_during_each_kind_of_write_keeps_the_previous_file(tmp_path, kind, how):
-    if how == "half-way" and kind != "checkpoint":
-        pytest.skip("only the checkpoint writer is torch.save")
-    WRITES[kind](tmp_path, 1)
-    target = tmp_path / FILES[kind]
-    before = target.read_bytes()
-    killed_during(lambda: WRITES[kind](tmp_path, 2), target, how)
-    assert target.read_bytes() == before  # the previous file, intact
-    stale = list(tmp_path.glob(f".{target.name}.*.tmp"))
-    assert len(stale) == 1  # the kill happened inside the write
+@pytest.fixture(scope="module")
+def killed_writes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("killed_writes")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    result = subprocess.run([sys.executable, "-c", WRITE_KILLER, str(root)], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return root, json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("how, kind", [("before the rename", kind) for kind in FILES] + [("half-way", "checkpoint")])
+def test_kill_9_during_each_kind_of_write_keeps_the_previous_file(killed_writes, how, kind):
+    root, status = killed_writes
+    assert status[f"{how}/{kind}"] == signal.SIGKILL  # the writer died inside the write
+    folder = root / how.replace(" ", "-") / kind
+    target = folder / FILES[kind]
+    stale = list(folder.glob(f".{target.name}.*.tmp"))
+    assert len(stale) == 1  # its temporary file, left behind
     if kind == "checkpoint":
-        assert read_checkpoint(target)["step"] == 1  # readers ignore the stale file
-    elif kind.endswith(".json"):
-        json.loads(target.read_text())
-    assert remove_stale_temporaries(target) == stale and not list(tmp_path.glob("*.tmp"))
+        assert read_checkpoint(target)["step"] == 1  # the previous version, intact; readers ignore the stale file
+    elif kind == "history.json":
+        assert json.loads(target.read_text())["completed_steps"] == 1
+    elif kind == "metrics.json":
+        assert json.loads(target.read_text()) == {"steps": 1}
+    else:
+        assert target.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert remove_stale_temporaries(target) == stale and not list(folder.glob("*.tmp"))
 
 
 def test_a_new_run_cleans_up_stale_temporaries(tmp_path, capsys):
