@@ -9,7 +9,7 @@ import torch
 import iconv
 from iconv import ConvFlow, ConvNet, GlowBaseline
 from iconv.models import MODELS
-from iconv.train import CheckpointError, load, read_checkpoint, write_checkpoint
+from iconv.train import CheckpointError, read_checkpoint, write_checkpoint
 from iconv.train.checkpoint import FORMAT, VERSION, digest
 
 REPO = Path(__file__).resolve().parents[1]

@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 import iconv
 from iconv.train import main, read_checkpoint

@@ -18,7 +18,7 @@ import torch
 
 import iconv
 from iconv import losses
-from iconv.train import main, read_checkpoint, write_checkpoint
+from iconv.train import main, read_checkpoint
 from iconv.train.checkpoint import digest
 from iconv.train.files import remove_stale_temporaries
 
@@ -85,13 +85,47 @@ KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("task", [FLOW, CLASSIFY], ids=["flow", "classify"])
-def test_kill_9_during_training_then_resume_is_bitwise_an_uninterrupted_run(tmp_path, capsys, task):
-    killed_ckpt, killed_out = tmp_path / "killed.pt", tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", KILLER, "5", *task, "--checkpoint", killed_ckpt, "--out",
-                             killed_out], env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == -signal.SIGKILL, result.stderr[-2000:]
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+TASKS = {"flow": FLOW, "classify": CLASSIFY}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def killed_processes(tmp_path_factory):
+    """The file's subprocesses, started at once when the module starts (they overlap with the other
+    tests): two training runs killed at step 5, and the writer killed inside every kind of write."""
+    root = tmp_path_factory.mktemp("killed")
+    started = {}
+    for name, task in TASKS.items():
+        folder = root / name
+        folder.mkdir()
+        argv = [sys.executable, "-c", KILLER, "5", *map(str, task), "--checkpoint", str(folder / "killed.pt"),
+                "--out", str(folder / "killed")]
+        started[name] = (folder, subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                                  text=True))
+    (root / "writes").mkdir()
+    argv = [sys.executable, "-c", WRITE_KILLER, str(root / "writes")]
+    started["writes"] = (root / "writes", subprocess.Popen(argv, env=ENV, stdout=subprocess.PIPE,
+                                                           stderr=subprocess.PIPE, text=True))
+    yield started
+    for _, process in started.values():
+        if process.poll() is None:
+            process.kill()
+        process.communicate()
+
+
+def finished(started, name):
+    folder, process = started[name]
+    stdout, stderr = process.communicate(timeout=300)
+    return folder, process.returncode, stdout, stderr
+
+
+@pytest.mark.parametrize("name", list(TASKS))
+def test_kill_9_during_training_then_resume_is_bitwise_an_uninterrupted_run(killed_processes, tmp_path, capsys,
+                                                                            name):
+    task = TASKS[name]
+    folder, code, _, stderr = finished(killed_processes, name)
+    killed_ckpt, killed_out = folder / "killed.pt", folder / "killed"
+    assert code == -signal.SIGKILL, stderr[-2000:]
     assert read_checkpoint(killed_ckpt)["step"] == 4  # died during step 5 of 6
     assert not (killed_out / "metrics.json").exists()
 
@@ -172,14 +206,11 @@ WRITE_KILLER = textwrap.dedent("""
 """)
 
 
-@pytest.fixture(scope="module")
-def killed_writes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("killed_writes")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", WRITE_KILLER, str(root)], env=env, capture_output=True,
-                            text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return root, json.loads(result.stdout.strip().splitlines()[-1])
+@pytest.fixture
+def killed_writes(killed_processes):
+    folder, code, stdout, stderr = finished(killed_processes, "writes")
+    assert code == 0, stderr[-2000:]
+    return folder, json.loads(stdout.strip().splitlines()[-1])
 
 
 @pytest.mark.parametrize("how, kind", [("before the rename", kind) for kind in FILES] + [("half-way", "checkpoint")])
@@ -299,7 +330,7 @@ def test_unwritable_outputs_are_refused_before_step_one(tmp_path, capsys, count_
     cases = [
         (["--out", a_file], "--out: ", "exists and is not a folder"),
         (["--out", a_file / "sub"], "--out: ", "cannot create the folder"),
-        (["--checkpoint", a_file / "c.pt"], "checkpoint: ", "cannot create the folder"),
+        (["--checkpoint", a_file / "c.pt"], "checkpoint: ", "a_file exists and is not a folder"),
         (["--checkpoint", tmp_path], "checkpoint: ", "is a folder"),
         (["--out", tmp_path / "ok", "--checkpoint", a_file / "x" / "c.pt"], "checkpoint: ", "cannot create"),
     ]

@@ -79,6 +79,25 @@ def test_half_spectrum_counts_mirrored_columns_twice(w):
     torch.testing.assert_close(fourier.spectrum(weight, h, w), full_blocks(weight, h, w)[:, : w // 2 + 1])
 
 
+@pytest.mark.parametrize("h,w", [(1, 1), (2, 2), (3, 4), (4, 4), (5, 7), (6, 5), (7, 8), (14, 14)])
+def test_distinct_frequencies_cover_the_full_spectrum_once(h, w):
+    """Each full-spectrum block is a listed block or the conjugate of one, counted exactly once."""
+    indices, mult = fourier.distinct_frequencies(h, w)
+    assert sum(mult) == h * w and len(set(indices)) == len(indices)
+    wp = w // 2 + 1
+    full = full_blocks(random_weight(2, 3), h, w)  # (h, w, c, c)
+    counted = torch.zeros(h, w)
+    for index, m in zip(indices, mult):
+        u, v = divmod(index, wp)
+        mirror = ((-u) % h, (-v) % w)
+        torch.testing.assert_close(full[mirror], full[u, v].conj(), rtol=1e-12, atol=1e-12)
+        counted[u, v] += 1
+        if mirror != (u, v):
+            counted[mirror] += 1
+        assert m == (1.0 if mirror == (u, v) else 2.0)
+    assert bool((counted == 1).all())
+
+
 def test_spectrum_is_the_fft_of_the_conv():
     """A_f maps rfft2(x) to rfft2(conv(x)) at every frequency."""
     c, h, w = 3, 6, 5
@@ -89,10 +108,11 @@ def test_spectrum_is_the_fft_of_the_conv():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_logabsdet_gradient_matches_dense_slogdet(backend):
+@pytest.mark.parametrize("h,w", [(4, 5), (4, 6), (5, 4)])
+def test_logabsdet_gradient_matches_dense_slogdet(backend, h, w):
     weight = random_weight(3, 3).requires_grad_(True)
-    (got,) = torch.autograd.grad(fourier.logabsdet(weight, 4, 5, backend), weight)
-    (expected,) = torch.autograd.grad(dense_logabsdet(weight, 4, 5), weight)
+    (got,) = torch.autograd.grad(fourier.logabsdet(weight, h, w, backend), weight)
+    (expected,) = torch.autograd.grad(dense_logabsdet(weight, h, w), weight)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)
 
 

@@ -13,7 +13,7 @@ import torch
 
 from iconv import ConvFlow, ConvNet, NotInvertibleError
 from iconv.losses import classification_loss, flow_loss
-from iconv.train import (CheckpointError, GlobalBatches, History, ResumeError, TrainConfig, TrainingDiverged, fit,
+from iconv.train import (GlobalBatches, History, ResumeError, TrainConfig, TrainingDiverged, fit,
                          load_checkpoint, lr_factor, read_checkpoint)
 
 REPO = Path(__file__).resolve().parents[1]

@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: the test suite, then the runtime benchmark (iconv.bench, chapter "Runtime") on CUDA.
+# GPU check: the test suite, then both benchmarks on CUDA: the runtime benchmark (python -m iconv.bench,
+# chapter "Runtime") and the training throughput (python -m iconv.bench --training: ConvFlow against the
+# Glow baseline at equal parameter count, steps/s and peak memory).
 #
 #   bash tools/gpu_check.sh          # full: the paper's sweep (c up to 1024 at 8x8, m up to 128 at c=64)
 #   bash tools/gpu_check.sh small    # the chapter's reduced sweep only
@@ -7,16 +9,17 @@
 # Made for a bare machine with a GPU (e.g. the `device` tool): needs the repository and pip.
 # Writes everything under $OUT (default ./gpu_check_out): gpu_check.log, env.txt, pytest.log,
 # runtime_gpu.csv/.json (float32 sweep), runtime_gpu_dense_f64.csv/.json (c=16, 16x16, float64,
-# against the dense route), bench.log. Every step has a timeout; the whole check stays under
-# 5 minutes. Exit status: 0 all good; 1 tests failed; 2 bad usage; 3 no CUDA; 4 benchmark failed.
+# against the dense route), training_gpu.csv/.json (training throughput, Fashion-MNIST shape, batch 64),
+# bench.log. Every step has a timeout; the whole check stays under 5 minutes.
+# Exit status: 0 all good; 1 tests failed; 2 bad usage; 3 no CUDA; 4 benchmark failed.
 # To show the GPU numbers in the book: cp "$OUT/runtime_gpu.csv" book/data/runtime_gpu.csv
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 MODE="${1:-full}"
 case "$MODE" in
-  small) SWEEP=ci; REPEATS=10; BENCH_TIMEOUT=60 ;;
-  full) SWEEP=paper; REPEATS=20; BENCH_TIMEOUT=120 ;;
+  small) SWEEP=ci; REPEATS=10; BENCH_TIMEOUT=60; TRAIN_TIMEOUT=40 ;;
+  full) SWEEP=paper; REPEATS=20; BENCH_TIMEOUT=100; TRAIN_TIMEOUT=50 ;;
   *) echo "usage: bash tools/gpu_check.sh [small|full]" >&2; exit 2 ;;
 esac
 OUT_DIR="${OUT:-$PWD/gpu_check_out}"
@@ -67,7 +70,7 @@ fi
 
 # 2. The test suite (CUDA visible; tests that have a CUDA path take it).
 log "pytest tests -x -q"
-timeout "$(allow 120 $((BENCH_TIMEOUT + 30)))" python -m pytest tests -x -q -p no:cacheprovider >"$OUT_DIR/pytest.log" 2>&1
+timeout "$(allow 120 $((BENCH_TIMEOUT + TRAIN_TIMEOUT + 30)))" python -m pytest tests -x -q -p no:cacheprovider >"$OUT_DIR/pytest.log" 2>&1
 tests_rc=$?
 tail -3 "$OUT_DIR/pytest.log" | tee -a "$LOG"
 [ $tests_rc -eq 124 ] && log "pytest stopped by its timeout (the whole check is kept under 5 minutes)"
@@ -75,18 +78,24 @@ tail -3 "$OUT_DIR/pytest.log" | tee -a "$LOG"
 
 # 3. The benchmark on the GPU. Rows are saved after every point, so a timeout keeps what was measured.
 log "python -m iconv.bench --sweep $SWEEP --device cuda (float32)"
-timeout "$(allow "$BENCH_TIMEOUT" 30)" python -m iconv.bench --sweep "$SWEEP" --device cuda --dtype float32 \
+timeout "$(allow "$BENCH_TIMEOUT" $((TRAIN_TIMEOUT + 30)))" python -m iconv.bench --sweep "$SWEEP" --device cuda --dtype float32 \
   --repeats "$REPEATS" --warmup 3 --budget 1.0 --quiet \
   --csv "$OUT_DIR/runtime_gpu.csv" --json "$OUT_DIR/runtime_gpu.json" >"$OUT_DIR/bench.log" 2>&1
 bench_rc=$?
 log "python -m iconv.bench --point 16x16 --device cuda --dtype float64 (against the dense route)"
-timeout "$(allow 30 0)" python -m iconv.bench --point 16x16 --device cuda --dtype float64 --repeats 10 --warmup 2 --quiet \
+timeout "$(allow 30 "$TRAIN_TIMEOUT")" python -m iconv.bench --point 16x16 --device cuda --dtype float64 --repeats 10 --warmup 2 --quiet \
   --csv "$OUT_DIR/runtime_gpu_dense_f64.csv" --json "$OUT_DIR/runtime_gpu_dense_f64.json" >>"$OUT_DIR/bench.log" 2>&1
 dense_rc=$?
+log "python -m iconv.bench --training --device cuda (ConvFlow vs Glow baseline, batch 64)"
+timeout "$(allow "$TRAIN_TIMEOUT" 0)" python -m iconv.bench --training --device cuda --repeats "$REPEATS" --warmup 3 \
+  --csv "$OUT_DIR/training_gpu.csv" --json "$OUT_DIR/training_gpu.json" >>"$OUT_DIR/bench.log" 2>&1
+train_rc=$?
 cat "$OUT_DIR/bench.log"
 [ $bench_rc -eq 124 ] && log "the sweep hit its timeout: runtime_gpu.csv holds the points measured so far"
 log "finished in $(( $(date +%s) - START )) s"
 
 if [ $tests_rc -ne 0 ]; then exit 1; fi
-if [ $bench_rc -ne 0 ] || [ $dense_rc -ne 0 ]; then log "BENCHMARK FAILED (exit $bench_rc, $dense_rc)"; exit 4; fi
-log "all good: tests passed, GPU sweep in runtime_gpu.csv"
+if [ $bench_rc -ne 0 ] || [ $dense_rc -ne 0 ] || [ $train_rc -ne 0 ]; then
+  log "BENCHMARK FAILED (exit $bench_rc, $dense_rc, $train_rc)"; exit 4
+fi
+log "all good: tests passed, GPU sweep in runtime_gpu.csv, training throughput in training_gpu.csv"

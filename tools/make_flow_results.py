@@ -133,8 +133,10 @@ def train_one(job: dict) -> dict:
 
     torch.set_num_threads(1)
     experiment = configs.flow("cpu", job["kind"])
+    if job.get("steps"):  # a smoke test of this script
+        experiment = experiment.replace(training={"steps": job["steps"]}, evaluation={"every": 0})
     train_x, train_y, _, _ = load_data(experiment.data)
-    test_x = load_data(experiment.data.__class__(experiment.data.name))[2]  # all test images
+    test_x = load_data(experiment.data.__class__(experiment.data.name))[2][: job.get("test_images")]
     data = (train_x, train_y, test_x[: experiment.data.test_images], None)
     result = run(experiment, checkpoint=Path(job["work"]) / f"{job['kind']}.pt", resume="if-exists",
                  device="cpu", progress=False, data=data, log_every=10)
@@ -165,14 +167,14 @@ def train_one(job: dict) -> dict:
     }
 
 
-def train(work: Path, out: Path, jobs: int) -> None:
+def train(work: Path, out: Path, jobs: int, steps: int | None = None, test_images: int | None = None) -> None:
     import iconv
     from iconv import configs
     from iconv.train import atomic_write_json
 
     work.mkdir(parents=True, exist_ok=True)
     out.mkdir(parents=True, exist_ok=True)
-    tasks = [{"kind": kind, "work": str(work)} for kind in NAMES]
+    tasks = [{"kind": kind, "work": str(work), "steps": steps, "test_images": test_images} for kind in NAMES]
     if jobs > 1:
         with ProcessPoolExecutor(jobs) as pool:
             results = list(pool.map(train_one, tasks))
@@ -209,12 +211,15 @@ def main(argv=None) -> int:
     t.add_argument("--work", required=True, help="folder for the resumable training checkpoints")
     t.add_argument("--out", default=str(RESULTS), help=f"results folder (default {RESULTS})")
     t.add_argument("--jobs", type=int, choices=(1, 2), default=2, help="models trained at once")
+    t.add_argument("--smoke", action="store_true", help="a quick check of this script: 3 steps, 200 test images")
     c = sub.add_parser("convert", help="rewrite iconv 0.1 files in today's format")
     c.add_argument("files", nargs="*", type=Path)
     c.add_argument("--all", action="store_true", help="both shipped files, in place")
     args = p.parse_args(argv)
     if args.job == "train":
-        train(Path(args.work), Path(args.out), args.jobs)
+        if args.smoke and Path(args.out).resolve() == RESULTS.resolve():
+            p.error("--smoke writes test numbers: give another --out")
+        train(Path(args.work), Path(args.out), args.jobs, *((3, 200) if args.smoke else ()))
         return 0
     files = [RESULTS / file for _, file in NAMES.values()] if args.all else args.files
     if not files:

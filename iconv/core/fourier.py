@@ -120,6 +120,43 @@ def _multiplicity_table(h: int, w: int, dtype: torch.dtype, device: torch.device
         return conjugate_multiplicity(w, device).to(dtype).repeat(h)
 
 
+def distinct_frequencies(h: int, w: int) -> tuple[list[int], list[float]]:
+    r"""The half-spectrum frequencies whose blocks are distinct up to conjugation, with multiplicities.
+
+    Returns ``(indices, multiplicities)``: flat indices ``u * (w//2 + 1) + v`` into the half
+    spectrum and how often each block's :math:`|\det|` stands in the full spectrum. In the
+    self-mirrored columns (:math:`v = 0` and, for even ``w``, :math:`v = w/2`) the block at row
+    :math:`u` is the conjugate of the block at row :math:`h - u`, so only rows
+    :math:`u \le h/2` are kept there, counted twice unless :math:`u = 0` or :math:`u = h/2`;
+    every other column counts twice (:func:`conjugate_multiplicity`). The multiplicities sum to
+    :math:`hw`. The log-determinant factorizes only these blocks: 512 instead of 544 at 32x32,
+    100 instead of 112 at 14x14 (ConvFlow's first level), 25 instead of 28 at 7x7.
+    """
+    wp = w // 2 + 1
+    self_mirrored = {0} | ({w // 2} if w % 2 == 0 else set())
+    indices, mult = [], []
+    for u in range(h):
+        for v in range(wp):
+            if v in self_mirrored:
+                if u > h - u:  # the conjugate of row h - u, kept already
+                    continue
+                mult.append(1.0 if (u == 0 or 2 * u == h) else 2.0)
+            else:
+                mult.append(2.0)
+            indices.append(u * wp + v)
+    return indices, mult
+
+
+@functools.lru_cache(maxsize=64)
+def _distinct_tables(h: int, w: int, k: int, dtype: torch.dtype, device: torch.device):
+    """Phases ``(f', k * k)`` (complex ``dtype``) and multiplicities ``(f',)`` (real) of :func:`distinct_frequencies`."""
+    indices, mult = distinct_frequencies(h, w)
+    with torch.inference_mode(False):
+        phases = _phase_table(h, w, k, dtype, device)[torch.tensor(indices, device=device)].contiguous()
+        real = torch.float64 if dtype == torch.complex128 else torch.float32
+        return phases, torch.tensor(mult, dtype=real, device=device)
+
+
 def spectrum(weight: torch.Tensor, h: int, w: int, validate: bool = True) -> torch.Tensor:
     r"""The Fourier blocks of the circular conv on an ``h x w`` image.
 
@@ -174,17 +211,31 @@ def _apply(blocks: torch.Tensor, x: torch.Tensor, shift: torch.Tensor | None, in
 
     ``blocks`` ``(h*w', c, c)``; an empty batch stays empty. A constant ``shift`` (a bias) only moves
     the zero frequency, by ``h w`` times itself: adding it there saves a pass over the image.
+
+    Layout (c = 64, 32x32, batch 32, one thread, thread CPU time, 3 interleaved medians of 11): the
+    rfft2 output ``(B, c, f)`` is transposed per image to ``(B, f, c)`` (a 2-D transpose, 2.4 ms,
+    against 5.6 ms for the 4-D permute to ``(f, c, B)`` of :func:`to_frequencies`), and its view
+    ``(f, B, c)`` (row stride ``f c``) goes to ``matmul`` as is: a strided GEMM operand, no copy
+    (12 ms, against 18.5 ms for the contiguous ``bmm`` with its copy). Without autograd the product
+    is written straight into a ``(B, f, c)`` buffer (``out=``), so the irfft2 input needs one 2-D
+    transpose back. Apply with inverse blocks: 30-40 ms against 49-55 ms for the ``(f, c, B)`` route.
     """
     h, w = x.shape[-2:]
     if x.shape[0] == 0:  # MKL's FFT refuses empty batches
         return x.new_zeros(x.shape)
-    Xf = to_frequencies(x)  # (h*w', c, B)
+    B, c = x.shape[:2]
+    X = torch.fft.rfft2(x).reshape(B, c, -1).transpose(1, 2).contiguous()  # (B, f, c)
     if shift is not None and inverse:
-        Xf[0] -= (h * w) * shift.to(Xf.dtype)[:, None]
-    Yf = torch.bmm(blocks, Xf)  # (h*w', c, B)
+        X[:, 0] -= (h * w) * shift.to(X.dtype)
+    Xv, At = X.transpose(0, 1), blocks.transpose(1, 2)  # (f, B, c) strided view, (f, c, c)^T view
+    if torch.is_grad_enabled() and (X.requires_grad or blocks.requires_grad):
+        Y = torch.matmul(Xv, At).transpose(0, 1)  # (B, f, c) view of (f, B, c)
+    else:
+        Y = X.new_empty(X.shape)  # (B, f, c)
+        torch.matmul(Xv, At, out=Y.transpose(0, 1))
     if shift is not None and not inverse:
-        Yf[0] += (h * w) * shift.to(Yf.dtype)[:, None]
-    return from_frequencies(Yf, h, w)
+        Y[:, 0] += (h * w) * shift.to(Y.dtype)
+    return torch.fft.irfft2(Y.transpose(1, 2).reshape(B, c, h, w // 2 + 1), s=(h, w))
 
 
 def apply_blocks(blocks: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -235,18 +286,35 @@ def _inverse_from_lu(LU: torch.Tensor, pivots: torch.Tensor, backend: str, adjoi
     return lifting.unlift(inverses, check=False) if backend == "lifted" else inverses
 
 
-def _modulus(z: torch.Tensor) -> torch.Tensor:
-    """``|Re z| + |Im z|``: within a factor sqrt(2) of ``|z|`` and several times cheaper than it."""
-    return z.real.abs() + z.imag.abs() if z.is_complex() else z.abs()
-
-
 def _norm1(M: torch.Tensor) -> torch.Tensor:
     """The 1-norm (largest column sum of moduli) of every matrix in ``(..., n, m)``.
 
-    Moduli are taken as ``|Re| + |Im|`` (see :func:`_modulus`); this is also the 1-norm of the
+    Moduli are taken as ``|Re| + |Im|`` (within a factor sqrt(2) of ``|z|`` and several times cheaper);
+    this is also the 1-norm of the
     real lift :math:`\\phi(M)`, so both backends share it.
     """
-    return _modulus(M).sum(-2).amax(-1)
+    if not M.is_complex():
+        return M.abs().sum(-2).amax(-1)
+    return _column_moduli(torch.view_as_real(M).abs()).amax(-1)
+
+
+def _column_moduli(parts: torch.Tensor) -> torch.Tensor:
+    """Column sums of ``|Re| + |Im|`` from ``|view_as_real(M)|`` ``(..., n, m, 2)``: ``(..., m)``.
+
+    One pass of ``abs`` over the interleaved real view, then a reduction over rows with the
+    contiguous ``(m, 2)`` inner block: 6.5 ms against 9.8 ms for ``M.real.abs() + M.imag.abs()`` on
+    the strided halves (544 blocks of 64x64 complex64, one thread).
+    """
+    return parts.sum(-3).sum(-1)
+
+
+def _norm1_and_entry_scale(M: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_norm1` and :func:`_entry_scale` of every complex block ``(f, n, n)`` from one ``abs`` pass.
+
+    8 ms against 9.8 + 5.2 ms for the two separately (544 blocks of 64x64 complex64, one thread).
+    """
+    parts = torch.view_as_real(M).abs()  # (f, n, n, 2)
+    return _column_moduli(parts).amax(-1), parts.reshape(M.shape[0], -1).amax(-1)
 
 
 def _entry_scale(blocks: torch.Tensor) -> torch.Tensor:
@@ -308,10 +376,17 @@ def logabsdet(weight: torch.Tensor, h: int, w: int, backend: str = "complex", va
     (a rank-deficient weight among them) gives ``-inf``.
     """
     check_backend(backend)
-    blocks = spectrum(weight, h, w, validate)
-    c = blocks.shape[-1]
-    mult = _multiplicity_table(h, w, weight.dtype, weight.device)
-    return _LogAbsDet.apply(blocks.reshape(-1, c, c), mult, backend)
+    if validate:
+        check_weight(weight)
+        _check_size(h, w)
+    # Only the blocks distinct up to conjugation (distinct_frequencies): 6% fewer LUs at 32x32,
+    # 11% at ConvFlow's 14x14, and the spectrum product is made directly for them (no gather copy).
+    c, k = weight.shape[0], weight.shape[-1]
+    cdtype = _complex_dtype(weight.dtype)
+    phases, mult = _distinct_tables(h, w, k, cdtype, weight.device)
+    taps = weight.permute(2, 3, 0, 1).reshape(k * k, c * c).to(cdtype)  # (k^2, c^2)
+    blocks = (phases @ taps).view(-1, c, c)  # (f', c, c)
+    return _LogAbsDet.apply(blocks, mult, backend)
 
 
 @dataclass
@@ -407,8 +482,8 @@ def factorize(weight: torch.Tensor, h: int, w: int, backend: str = "complex",
     c = blocks.shape[-1]
     blocks = blocks.reshape(-1, c, c)
     LU, pivots, info = _lu(blocks, backend)  # (h*w', n, n)
-    norm1 = _norm1(blocks.detach())
-    lad = _block_logabsdet(LU, _entry_scale(blocks.detach()), backend)
+    norm1, scale = _norm1_and_entry_scale(blocks.detach())  # blocks are complex for both backends
+    lad = _block_logabsdet(LU, scale, backend)
     mult = _multiplicity_table(h, w, weight.dtype, weight.device)
     fact = SpectralFactorization(LU, pivots, backend, (lad * mult).sum(), norm1, h, w,
                                  weight=weight.detach().clone(), singular=(lad.detach() == -math.inf) | (info > 0))

@@ -28,7 +28,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import math
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -414,198 +413,237 @@ def fit(model: nn.Module, loss_fn: Callable, train_images: torch.Tensor, train_l
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
     _check_data(train_images, train_labels)
     state = _open_checkpoint(checkpoint_path, resume, overwrite)
-    checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
     definition = run_definition(model, config, train_images, train_labels, run)
     if state is not None:
         check_same_run(state.get("run"), definition, checkpoint_path)
-    device = ddp.resolve_device(config.device)
-    distributed = ddp.setup(device)
-    world, me = world_size(), rank()
-    if config.batch_size % world:
-        raise ValueError(f"batch_size {config.batch_size} is not divisible by the {world} processes")
-    local = config.batch_size // world
-
-    model.to(device)
-    optimizer = _make_optimizer(model, config)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-    history = History(config=dataclasses.asdict(config))
-    start, elapsed, elapsed_cpu = 0, 0.0, 0.0
+    trainer = _Trainer(model, loss_fn, config, evaluate, checkpoint_path, definition, run, experiment)
     if state is not None:
+        trainer.restore(state)
+    return trainer.train(train_images, train_labels, progress)
+
+
+class _Trainer:
+    """The state of one :func:`fit` call and its steps (one small method per job)."""
+
+    def __init__(self, model, loss_fn, config, evaluate, checkpoint_path, definition, run, experiment):
+        self.model, self.config, self.evaluate = model, config, evaluate
+        self.checkpoint_path = None if checkpoint_path is None else Path(checkpoint_path)
+        self.definition, self.data, self.experiment = definition, (run or {}).get("data"), experiment
+        self.device = ddp.resolve_device(config.device)
+        self.distributed = ddp.setup(self.device)
+        self.world, self.rank = world_size(), rank()
+        if config.batch_size % self.world:
+            raise ValueError(f"batch_size {config.batch_size} is not divisible by the {self.world} processes")
+        model.to(self.device)
+        self.optimizer = _make_optimizer(model, config)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, config))
+        self.history = History(config=dataclasses.asdict(config))
+        self.start, self.elapsed, self.elapsed_cpu = 0, 0.0, 0.0
+        self.last_good = None
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.wrapped = _LossModule(model, loss_fn)
+        if self.distributed:
+            self.wrapped = nn.parallel.DistributedDataParallel(
+                self.wrapped, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.bar = None
+
+    def restore(self, state: dict) -> None:
+        """Continue from a checkpoint of the same run: weights, optimiser, scheduler, history, RNG."""
         training = state["training"]
         try:
-            model.load_state_dict(state["state_dict"])
-            optimizer.load_state_dict(training["optimizer"])
-            scheduler.load_state_dict(training["scheduler"])
+            self.model.load_state_dict(state["state_dict"])
+            self.optimizer.load_state_dict(training["optimizer"])
+            self.scheduler.load_state_dict(training["scheduler"])
         except (RuntimeError, ValueError, KeyError) as err:
-            raise CheckpointError(f"{checkpoint_path}: its state does not fit this model ({_first_line(err)})") from None
-        history = History.from_dict(training["history"])
-        history.config = dataclasses.asdict(config)
-        start, elapsed = state["step"], training.get("elapsed", 0.0)
-        elapsed_cpu = training.get("elapsed_process", 0.0)
+            raise CheckpointError(f"{self.checkpoint_path}: its state does not fit this model "
+                                  f"({_first_line(err)})") from None
+        self.history = History.from_dict(training["history"])
+        self.history.config = dataclasses.asdict(self.config)
+        self.start, self.elapsed = state["step"], training.get("elapsed", 0.0)
+        self.elapsed_cpu = training.get("elapsed_process", 0.0)
         _set_rng_state(training["rng"])
-    last_good = checkpoint_path if state is not None else None
+        self.last_good = self.checkpoint_path
 
-    wrapped = _LossModule(model, loss_fn)
-    if distributed:
-        wrapped = nn.parallel.DistributedDataParallel(
-            wrapped, device_ids=[device.index] if device.type == "cuda" else None)
-    params = [p for p in model.parameters() if p.requires_grad]
-    order = GlobalBatches(len(train_images), config.batch_size, config.seed)
-    bar = None
-    if progress and is_main_process():
-        from tqdm.auto import tqdm
+    # ------------------------------------------------------------------ clocks and failures
 
-        bar = tqdm(total=config.steps, initial=min(start, config.steps), desc="train", dynamic_ncols=True)
+    def seconds(self) -> float:
+        return self.elapsed + time.time() - self.t0
 
-    def diverged(step, reason):
-        where = f"the last good checkpoint is {last_good}" if last_good else "no checkpoint was written yet"
+    def process_seconds(self) -> float:
+        return self.elapsed_cpu + time.process_time() - self.c0
+
+    def diverged(self, step: int, reason: str) -> TrainingDiverged:
+        where = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
         return TrainingDiverged(f"training diverged at step {step}: {reason}; stopped without writing a "
-                                f"checkpoint ({where})", step, reason, last_good)
+                                f"checkpoint ({where})", step, reason, self.last_good)
 
-    def guard_error(step, err, what):
+    def as_divergence(self, step: int, err: BaseException, what: str) -> TrainingDiverged | None:
         """Divergence, or None (the error propagates): a singular layer; non-finite parameters; or a
         value error (e.g. an overflow to inf inside the model) from a loss that worked at an earlier
         step of this call, after the parameters moved."""
         if isinstance(err, NotInvertibleError):
-            return diverged(step, f"{what} found a numerically singular layer ({_first_line(err)})")
-        if not _parameters_finite(params):
-            return diverged(step, f"the parameters became non-finite ({what} failed: {_first_line(err)})")
-        if isinstance(err, (ValueError, FloatingPointError)) and step > start:
-            return diverged(step, f"{what} failed after the parameters moved ({type(err).__name__}: "
-                                  f"{_first_line(err)}); the learning rate may be too large")
+            return self.diverged(step, f"{what} found a numerically singular layer ({_first_line(err)})")
+        if not _parameters_finite(self.params):
+            return self.diverged(step, f"the parameters became non-finite ({what} failed: {_first_line(err)})")
+        if isinstance(err, (ValueError, FloatingPointError)) and step > self.start:
+            return self.diverged(step, f"{what} failed after the parameters moved ({type(err).__name__}: "
+                                       f"{_first_line(err)}); the learning rate may be too large")
         return None
 
-    def checkpoint(step):
-        nonlocal last_good
-        if checkpoint_path is None:
-            return
-        if not _parameters_finite(params):
-            raise diverged(step, "the parameters became non-finite")
-        if is_main_process():
-            write_checkpoint(checkpoint_path, model, step=step, run=definition, experiment=experiment,
-                             data=(run or {}).get("data"), seed=config.seed, training={
-                                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                 "elapsed": elapsed + time.time() - t0,
-                                 "elapsed_process": elapsed_cpu + time.process_time() - c0,
-                                 "history": history.to_dict(), "config": dataclasses.asdict(config),
-                                 "rng": _rng_state(), "world_size": world})
-        if distributed:
-            dist.barrier()
-        last_good = checkpoint_path
+    # ------------------------------------------------------------------ checkpoints and evaluation
 
-    def guard_invertible(step):
-        check = getattr(model, "check_invertible", None)
+    def checkpoint(self, step: int) -> None:
+        if self.checkpoint_path is None:
+            return
+        if not _parameters_finite(self.params):
+            raise self.diverged(step, "the parameters became non-finite")
+        if is_main_process():
+            training = {"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                        "elapsed": self.seconds(), "elapsed_process": self.process_seconds(),
+                        "history": self.history.to_dict(), "config": dataclasses.asdict(self.config),
+                        "rng": _rng_state(), "world_size": self.world}
+            write_checkpoint(self.checkpoint_path, self.model, step=step, run=self.definition,
+                             experiment=self.experiment, data=self.data, seed=self.config.seed, training=training)
+        if self.distributed:
+            dist.barrier()
+        self.last_good = self.checkpoint_path
+
+    def guard_invertible(self, step: int) -> None:
+        check = getattr(self.model, "check_invertible", None)
         if callable(check):
             try:
-                _on_main(check, distributed)
+                _on_main(check, self.distributed)
             except NotInvertibleError as err:
-                raise diverged(step, f"a layer is numerically singular ({err})") from err
+                raise self.diverged(step, f"a layer is numerically singular ({err})") from err
 
-    def run_eval(step):
-        if evaluate is None:
-            return
-
-        def once():
-            model.eval()
-            try:
-                with torch.no_grad():
-                    return {k: _as_float(v) for k, v in evaluate(model).items()}
-            finally:
-                model.train()
-
+    def _evaluate_once(self) -> dict:
+        self.model.eval()
         try:
-            metrics = _on_main(once, distributed)
+            with torch.no_grad():
+                return {k: _as_float(v) for k, v in self.evaluate(self.model).items()}
+        finally:
+            self.model.train()
+
+    def run_eval(self, step: int) -> None:
+        if self.evaluate is None:
+            return
+        try:
+            metrics = _on_main(self._evaluate_once, self.distributed)
         except (NotInvertibleError, ValueError, FloatingPointError, RuntimeError) as err:
-            failure = guard_error(step, err, "evaluation")
+            failure = self.as_divergence(step, err, "evaluation")
             if failure is None:
                 raise
             raise failure from err
-        row = {"step": step, "seconds": elapsed + time.time() - t0,
-               "process_seconds": elapsed_cpu + time.process_time() - c0, **metrics}
-        history.eval.append(row)
-        if bar is not None:
-            bar.write("eval @ step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
+        row = {"step": step, "seconds": self.seconds(), "process_seconds": self.process_seconds(), **metrics}
+        self.history.eval.append(row)
+        if self.bar is not None:
+            self.bar.write("eval @ step {}: {}".format(step, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items())))
 
-    t0, c0 = time.time(), time.process_time()
-    model.train()
-    history.stopped = ""
-    step = start
-    try:
-        while step < config.steps:
-            torch.manual_seed(step_seed(config.seed, step, me))
-            rows = order(step)[me * local:(me + 1) * local]
-            images = train_images[rows].to(device, non_blocking=True)
-            labels = None if train_labels is None else train_labels[rows].to(device, non_blocking=True)
-            optimizer.zero_grad(set_to_none=True)
-            failure = None
-            try:
-                loss, metrics = wrapped(images, labels)
-            except (NotInvertibleError, ValueError, FloatingPointError, RuntimeError) as err:
-                error = guard_error(step, err, "the loss")
-                if error is None:
-                    raise
-                failure, loss, metrics = error.reason, None, {}
-            # one small all-reduce: [failed?, loss, stop?] so that every rank takes the same decision
-            if config.clock == "process":
-                used = elapsed_cpu + time.process_time() - c0
-            else:
-                used = elapsed + time.time() - t0
-            over_time = config.time_limit is not None and used > config.time_limit
-            flags = torch.tensor([float(failure is not None), 0.0 if loss is None else _as_float(loss),
-                                  float(over_time and is_main_process())], dtype=torch.float64, device=device)
-            if distributed:
-                dist.all_reduce(flags)
-                flags[1] /= world
-            if flags[0] > 0:
-                raise diverged(step, failure or "another process found a singular layer")
-            mean_loss = float(flags[1])
-            if not math.isfinite(mean_loss):
-                raise diverged(step, f"the loss is {mean_loss}")
-            if flags[2] > 0:
-                history.stopped = "time_limit"
-                break
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, config.clip if config.clip else math.inf))
-            if not math.isfinite(grad_norm):
-                raise diverged(step, f"the gradient norm is {grad_norm}")
-            lr_now = optimizer.param_groups[0]["lr"]
-            optimizer.step()
-            scheduler.step()
-            step += 1
-            history.completed_steps = step
+    # ------------------------------------------------------------------ one step
 
-            if step % config.log_every == 0 or step == config.steps:
-                values = {k: _as_float(v) for k, v in metrics.items()}
-                if distributed and values:
-                    t = torch.tensor(list(values.values()), dtype=torch.float64, device=device)
-                    dist.all_reduce(t)
-                    values = dict(zip(values, (t / world).tolist()))
-                row = {"step": step, "loss": mean_loss, "lr": lr_now, "grad_norm": grad_norm,
-                       "seconds": elapsed + time.time() - t0,
-                       "process_seconds": elapsed_cpu + time.process_time() - c0, **values}
-                history.train.append(row)
-                if bar is not None:
-                    bar.set_postfix({"loss": f"{mean_loss:.4g}", **{k: f"{v:.4g}" for k, v in values.items()}},
-                                    refresh=False)
-            if bar is not None:
-                bar.update(1)
-            due_eval = config.eval_every and step % config.eval_every == 0 and step < config.steps
-            due_ckpt = config.checkpoint_every and step % config.checkpoint_every == 0 and step < config.steps
-            if due_eval or due_ckpt:
-                guard_invertible(step)
-            if due_eval:
-                run_eval(step)
-            if due_ckpt:
-                checkpoint(step)
-        history.stopped = history.stopped or "completed"
-        if not (history.eval and history.eval[-1]["step"] == step):  # else: evaluated already (a finished run)
-            guard_invertible(step)
-            run_eval(step)
-        checkpoint(step)
-    finally:
-        if bar is not None:
-            bar.close()
-    return history
+    def forward(self, step: int, images, labels):
+        """The loss on this process's rows, and the all-reduced decision ``(failure, mean loss, stop)``."""
+        failure, loss, metrics = None, None, {}
+        try:
+            loss, metrics = self.wrapped(images, labels)
+        except (NotInvertibleError, ValueError, FloatingPointError, RuntimeError) as err:
+            error = self.as_divergence(step, err, "the loss")
+            if error is None:
+                raise
+            failure = error.reason
+        used = self.process_seconds() if self.config.clock == "process" else self.seconds()
+        over_time = self.config.time_limit is not None and used > self.config.time_limit
+        # one small all-reduce: [failed?, loss, stop?] so that every rank takes the same decision
+        flags = torch.tensor([float(failure is not None), 0.0 if loss is None else _as_float(loss),
+                              float(over_time and is_main_process())], dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(flags)
+            flags[1] /= self.world
+        if flags[0] > 0:
+            raise self.diverged(step, failure or "another process found a singular layer")
+        mean_loss = float(flags[1])
+        if not math.isfinite(mean_loss):
+            raise self.diverged(step, f"the loss is {mean_loss}")
+        return loss, mean_loss, metrics, bool(flags[2] > 0)
+
+    def update(self, step: int, loss) -> tuple[float, float]:
+        """Backward, clip, optimiser and scheduler step; returns ``(grad_norm, lr used)``."""
+        loss.backward()
+        clip = self.config.clip if self.config.clip else math.inf
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, clip))
+        if not math.isfinite(grad_norm):
+            raise self.diverged(step, f"the gradient norm is {grad_norm}")
+        lr_now = self.optimizer.param_groups[0]["lr"]
+        self.optimizer.step()
+        self.scheduler.step()
+        return grad_norm, lr_now
+
+    def log(self, step: int, mean_loss: float, metrics: dict, grad_norm: float, lr_now: float) -> None:
+        values = {k: _as_float(v) for k, v in metrics.items()}
+        if self.distributed and values:
+            t = torch.tensor(list(values.values()), dtype=torch.float64, device=self.device)
+            dist.all_reduce(t)
+            values = dict(zip(values, (t / self.world).tolist()))
+        self.history.train.append({"step": step, "loss": mean_loss, "lr": lr_now, "grad_norm": grad_norm,
+                                   "seconds": self.seconds(), "process_seconds": self.process_seconds(), **values})
+        if self.bar is not None:
+            self.bar.set_postfix({"loss": f"{mean_loss:.4g}", **{k: f"{v:.4g}" for k, v in values.items()}},
+                                 refresh=False)
+
+    def after_step(self, step: int) -> None:
+        """Evaluation and checkpoint when due (the final ones come after the loop)."""
+        c = self.config
+        due_eval = c.eval_every and step % c.eval_every == 0 and step < c.steps
+        due_ckpt = c.checkpoint_every and step % c.checkpoint_every == 0 and step < c.steps
+        if due_eval or due_ckpt:
+            self.guard_invertible(step)
+        if due_eval:
+            self.run_eval(step)
+        if due_ckpt:
+            self.checkpoint(step)
+
+    # ------------------------------------------------------------------ the loop
+
+    def train(self, train_images, train_labels, progress: bool) -> History:
+        c, history = self.config, self.history
+        local = c.batch_size // self.world
+        order = GlobalBatches(len(train_images), c.batch_size, c.seed)
+        if progress and is_main_process():
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=c.steps, initial=min(self.start, c.steps), desc="train", dynamic_ncols=True)
+        self.t0, self.c0 = time.time(), time.process_time()
+        self.model.train()
+        history.stopped = ""
+        step = self.start
+        try:
+            while step < c.steps:
+                torch.manual_seed(step_seed(c.seed, step, self.rank))
+                rows = order(step)[self.rank * local:(self.rank + 1) * local]
+                images = train_images[rows].to(self.device, non_blocking=True)
+                labels = None if train_labels is None else train_labels[rows].to(self.device, non_blocking=True)
+                self.optimizer.zero_grad(set_to_none=True)
+                loss, mean_loss, metrics, out_of_time = self.forward(step, images, labels)
+                if out_of_time:
+                    history.stopped = "time_limit"
+                    break
+                grad_norm, lr_now = self.update(step, loss)
+                step += 1
+                history.completed_steps = step
+                if step % c.log_every == 0 or step == c.steps:
+                    self.log(step, mean_loss, metrics, grad_norm, lr_now)
+                if self.bar is not None:
+                    self.bar.update(1)
+                self.after_step(step)
+            history.stopped = history.stopped or "completed"
+            if not (history.eval and history.eval[-1]["step"] == step):  # else: evaluated already (a finished run)
+                self.guard_invertible(step)
+                self.run_eval(step)
+            self.checkpoint(step)
+        finally:
+            if self.bar is not None:
+                self.bar.close()
+        return history
 
 
 def load_checkpoint(path, model: nn.Module | None = None, map_location="cpu") -> dict:
