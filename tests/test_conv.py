@@ -4,7 +4,8 @@ from hypothesis import given, strategies as st
 
 import iconv
 from iconv import fourier
-from iconv.core.circular import dense_conv_matrix
+from iconv.core.circular import circular_conv2d, dense_conv_matrix
+from iconv.layers.conv import InvertibleConv2d, circular_pad
 from tests.helpers import dense_apply, relerr
 
 
@@ -112,3 +113,18 @@ def test_bad_inputs():
         layer.inverse(torch.full((1, 3, 5, 5), float("nan")))
     with pytest.raises(ValueError, match="not seen an input"):
         layer.condition_number()
+
+
+@pytest.mark.parametrize("p,h,w", [(1, 1, 1), (1, 3, 4), (2, 2, 5), (3, 7, 3)])
+def test_circular_pad_equals_torch_circular_padding(p, h, w):
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    assert torch.equal(circular_pad(x, p), torch.nn.functional.pad(x, (p,) * 4, mode="circular"))
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_layer_conv_is_the_circular_conv_bit_for_bit(k):
+    layer = InvertibleConv2d(3, k).double()
+    with torch.no_grad():
+        layer.bias.normal_()
+    x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
+    assert torch.equal(layer.conv(x), circular_conv2d(x, layer.weight, layer.bias))

