@@ -108,9 +108,9 @@ def test_spectrum_is_the_fft_of_the_conv():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("h,w", [(4, 5), (4, 6), (5, 4)])
-def test_logabsdet_gradient_matches_dense_slogdet(backend, h, w):
-    weight = random_weight(3, 3).requires_grad_(True)
+@pytest.mark.parametrize("h,w,k", [(4, 5, 3), (4, 6, 3), (5, 4, 3), (3, 4, 1)])
+def test_logabsdet_gradient_matches_dense_slogdet(backend, h, w, k):
+    weight = random_weight(3, k).requires_grad_(True)
     (got,) = torch.autograd.grad(fourier.logabsdet(weight, h, w, backend), weight)
     (expected,) = torch.autograd.grad(dense_logabsdet(weight, h, w), weight)
     torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-10)

@@ -149,8 +149,16 @@ def distinct_frequencies(h: int, w: int) -> tuple[list[int], list[float]]:
 
 @functools.lru_cache(maxsize=64)
 def _distinct_tables(h: int, w: int, k: int, dtype: torch.dtype, device: torch.device):
-    """Phases ``(f', k * k)`` (complex ``dtype``) and multiplicities ``(f',)`` (real) of :func:`distinct_frequencies`."""
-    indices, mult = distinct_frequencies(h, w)
+    """Phases ``(f', k * k)`` (complex ``dtype``) and multiplicities ``(f',)`` (real) of :func:`distinct_frequencies`.
+
+    A 1x1 kernel has the same block, the weight, at every frequency: one block with multiplicity
+    ``h w`` (the log-determinant of ConvFlow's 1x1 conv at 7x7, with gradient: about 0.2 against
+    1.3 ms for its 25 distinct blocks).
+    """
+    if k == 1:  # every block is the weight itself: one block, counted h*w times
+        indices, mult = [0], [float(h * w)]
+    else:
+        indices, mult = distinct_frequencies(h, w)
     with torch.inference_mode(False):
         phases = _phase_table(h, w, k, dtype, device)[torch.tensor(indices, device=device)].contiguous()
         real = torch.float64 if dtype == torch.complex128 else torch.float32
