@@ -26,7 +26,9 @@ py="${ICONV_COMPAT_VENV}/bin/python"
 pins="$(mktemp)"
 trap 'rm -f "${pins}"' EXIT
 grep -vE '^[[:space:]]*(torch|torchvision|jupyter-book|sphinx-mathjax-offline)[[:space:]]*([=<>!~].*)?$' requirements.txt > "${pins}"
-"${py}" -m pip install "${PIP_FLAGS[@]}" "${torch_spec[@]}" -r "${pins}"
+# --no-compile: no .pyc for torch's thousands of modules at install time (what is imported compiles
+# on first use); it saves a good part of the installation.
+"${py}" -m pip install "${PIP_FLAGS[@]}" --no-compile "${torch_spec[@]}" -r "${pins}"
 install_editable "${py}"
 enter_venv "${ICONV_COMPAT_VENV}"
 python - "${torch_spec[@]}" <<'PY'

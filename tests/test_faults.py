@@ -85,7 +85,9 @@ KILLER = textwrap.dedent("""
 """)
 
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+# The killed runs get the environment of this process (and --threads 1, like the in-process runs they
+# are compared with bitwise), not OMP_NUM_THREADS=1: the two must set up their threads the same way.
+ENV = {**os.environ, "PYTHONPATH": str(REPO)}
 TASKS = {"flow": FLOW, "classify": CLASSIFY}
 
 
