@@ -37,7 +37,7 @@ The classifier sizes (chapter 9 and ``tools/run_table1.py`` used these; the old 
 ======  ==============  =====  ============  =====  ====  ======  ========  ==========  =========
 size    data            width  steps         batch  lr    warmup  augment   eval every  test imgs
 ======  ==============  =====  ============  =====  ====  ======  ========  ==========  =========
-ci      Fashion-MNIST   8      60            32     0.1   10      no        10          2,000
+ci      Fashion-MNIST   8      60            32     0.1   10      no        20          2,000
 cpu     Fashion-MNIST   16     1,500         64     0.05  50      no        150         all
 gpu     CIFAR-10        64     15 epochs     128    0.1   200     yes       500         all
 paper   CIFAR-10        64     100 epochs    50     0.1   0       yes       5,000       all
@@ -303,8 +303,8 @@ _CLASSIFIER_TRAINING = dict(optimizer="sgd", momentum=0.9, weight_decay=5e-4, cl
 _CLASSIFIER_SIZES = {
     "ci": Experiment(
         "classify", "ci", Data("fashion-mnist", test_images=2_000), ClassifierModel(width=8),
-        Training(steps=60, batch_size=32, lr=0.1, warmup=10, checkpoint_every=10, **_CLASSIFIER_TRAINING),
-        Evaluation(every=10, samples=0)),
+        Training(steps=60, batch_size=32, lr=0.1, warmup=10, checkpoint_every=20, **_CLASSIFIER_TRAINING),
+        Evaluation(every=20, samples=0)),
     "cpu": Experiment(
         "classify", "cpu", Data("fashion-mnist"), ClassifierModel(width=16),
         Training(steps=1500, batch_size=64, lr=0.05, warmup=50, checkpoint_every=150, **_CLASSIFIER_TRAINING),

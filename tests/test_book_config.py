@@ -286,3 +286,15 @@ def test_figure_alt_uses_the_caption_only_when_alt_is_missing():
     assert explicit["alt"] == "Own text"
     assert diagram["alt"] == "The Fourier pipeline, for |A_f| &lt; 1."  # Sphinx writes it unescaped
     assert "alt" not in bare and "alt" not in bare_diagram  # no caption: the page check fails them
+
+
+def test_environments_and_build_outputs_are_excluded_from_the_book():
+    """Sphinx must not read the Markdown of installed packages (.venv, .venv-compat, ...): with
+    -W their docs' warnings fail the build (as .venv-compat's did)."""
+    import fnmatch
+
+    patterns = load_config()["exclude_patterns"]
+    for path in [".venv/lib/x/README.md", ".venv-compat/lib/python3.11/site-packages/x/README.md",
+                 "_build/html/index.md", "venv/lib/python3.12/site-packages/y/LICENSE.md"]:
+        assert any(fnmatch.fnmatch(path, p) or fnmatch.fnmatch(path, p + "/*")
+                   or fnmatch.fnmatch(path.split("/")[0], p) for p in patterns), path

@@ -230,6 +230,10 @@ def _fmt(value, digits: int = 3) -> str:
     return f"{value:.{digits}g}" if isinstance(value, float) else str(value)
 
 
+def _ratio(value) -> str:
+    return "-" if isinstance(value, float) and math.isnan(value) else f"{value:.2f}"
+
+
 def format_training_table(rows: Sequence[dict]) -> str:
     """The rows side by side: step time (median, quartiles), steps/s, peak memory and the ratios to the baseline."""
     head = ["model", "params", "depth", "hidden", "threads", "step ms", "IQR ms", "steps/s", "peak MiB",
@@ -241,7 +245,7 @@ def format_training_table(rows: Sequence[dict]) -> str:
         body.append([LABELS.get(r["model"], r["model"]), str(r["parameters"]), r["depth"], _fmt(r["hidden"] or ""),
                      str(r["threads"]) if r["device"] == "cpu" else r["device"], f"{r['step_ms']:.1f}",
                      f"{r['step_ms_q1']:.1f}-{r['step_ms_q3']:.1f}", f"{r['steps_per_s']:.1f}",
-                     _fmt(r["peak_mib"]), _fmt(r["time_vs_baseline"], 3), paired, _fmt(r["memory_vs_baseline"], 2)])
+                     _fmt(r["peak_mib"]), _ratio(r["time_vs_baseline"]), paired, _ratio(r["memory_vs_baseline"])])
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [head] + body]
     methods = sorted({r["memory_method"] for r in rows if r["memory_method"]})
