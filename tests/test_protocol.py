@@ -33,7 +33,7 @@ import iconv.models
 from iconv.layers import (ActNorm, AffineCoupling, AvgDownsample, Invertible1x1Conv, InvertibleBatchNorm2d,
                           InvertibleConv2d, InvertibleModule, InvertibleSequential, LogitTransform, MultiScale,
                           NNDownsample, PixelAffine, SneakyReLU, Squeeze)
-from iconv.models import ConvFlow, ConvNet, GlowBaseline
+from iconv.models import ConvFlow, ConvNet, GlowBaseline, PaperFlow
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -159,6 +159,10 @@ CASES = [
     Case("GlowBaseline", lambda: GlowBaseline((1, 4, 4), depth=2, hidden=6), (1, 4, 4), inputs="rand"),
     Case("GlowBaseline-rgb-2-scales", lambda: GlowBaseline((3, 4, 4), depth=1, hidden=4, scales=2), (3, 4, 4),
          inputs="rand"),
+    Case("PaperFlow", lambda: PaperFlow((1, 4, 4), pad_channels=1, depth=1, init_scale=0.3), (2, 4, 4),
+         inputs="rand"),
+    Case("PaperFlow-actnorm-rgb-1-scale", lambda: PaperFlow((3, 3, 5), pad_channels=2, depth=[2], scales=1,
+                                                           kernel_size=3, actnorm=True), (5, 3, 5), inputs="rand"),
     *[Case(f"ConvNet.extractor-{d}", lambda d=d: conv_net_extractor(d), (4, 4, 8), train_equals_eval=False,
            eval_mode=True, float32_tolerance=1e-2) for d in ("squeeze", "nn", "avg")],
 ]
@@ -166,7 +170,7 @@ CASES = [
 #: Classes of iconv.layers / iconv.models that are deliberately not covered, and why.
 NOT_INVERTIBLE = {
     "InvertibleModule": "the abstract base class (every case is one)",
-    "FlowModel": "the abstract base of ConvFlow and GlowBaseline (both are cases)",
+    "FlowModel": "the abstract base of ConvFlow, GlowBaseline and PaperFlow (all are cases)",
     "Downsample2x2": "the abstract base of the three 2x2 downsamplings (all three are cases)",
     "Forward": "an adapter that uses an invertible module as an ordinary one (f.transform)",
     "ConvNet": "a classifier (images -> logits); its invertible part, ConvNet.extractor, is a case",
