@@ -31,7 +31,7 @@ def randomize(model):
 
 
 def test_models_registry_covers_every_model_class():
-    assert set(MODELS) == {"ConvFlow", "GlowBaseline", "ConvNet"}
+    assert set(MODELS) == {"ConvFlow", "GlowBaseline", "PaperFlow", "ConvNet"}
 
 
 @pytest.mark.parametrize("index", range(3))

@@ -42,7 +42,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 import os
 import platform
 import shlex
@@ -65,6 +64,9 @@ MODELS = {
     "glow": {"kind": "glow", "args": {"depth": 4}, "matches": "convflow"},
     "convflow-large": {"kind": "convflow", "args": {"depth": 12, "kernel_size": 5}},
     "glow-large": {"kind": "glow", "args": {"depth": 6}, "matches": "convflow-large"},
+    # optional (not run unless named in --models): the paper's flow with an ActNorm before every conv
+    "paperflow-actnorm": {"kind": "paperflow", "args": {"pad_channels": 3, "depth": [3, 2, 2], "actnorm": True},
+                          "optional": True},
 }
 #: The same five at the --quick size (8x8 digits).
 QUICK_MODELS = {
@@ -221,7 +223,8 @@ def train_one(job: dict) -> dict:
         "cpu_seconds": history.eval[-1]["process_seconds"] if history.eval else None,
         "heldout_best": min(row["heldout"] for row in history.eval),
         "best_step": load_checkpoint(best_path)["step"],
-        "heldout_curve": [{k: row[k] for k in ("step", "process_seconds", "seconds", "heldout")} for row in history.eval],
+        "heldout_curve": [{k: row[k] for k in ("step", "process_seconds", "seconds", "heldout")}
+                          for row in history.eval],
         "train_curve": [{k: row.get(k) for k in ("step", "process_seconds", "loss")} for row in history.train],
         **test_numbers,
     }
@@ -265,7 +268,8 @@ def summary(runs: list[dict]) -> dict:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="a seconds-long run on 8x8 digits (CI)")
     p.add_argument("--work", default="runs/flow_study", help="checkpoints (resumable)")
     p.add_argument("--out", default=str(ROOT / "book" / "results" / "flow_study"), help="study.json and models/")
@@ -283,7 +287,7 @@ def main(argv=None) -> dict:
         changes["seeds"] = tuple(a.seeds)
     s = dataclasses.replace(s, **changes)
     table = QUICK_MODELS if a.quick else MODELS
-    names = a.models or list(table)
+    names = a.models or [n for n, spec in table.items() if not spec.get("optional")]
     unknown = [n for n in names if n not in table]
     if unknown:
         p.error(f"--models: unknown {unknown}; choose from {list(table)}")
