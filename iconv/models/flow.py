@@ -50,7 +50,7 @@ from ..layers.base import InvertibleModule, InvertibleSequential, MultiScale, at
 from ..layers.conv import InvertibleConv2d
 from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
 
-__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "flow_step", "halvings", "nll_to_bits_per_dim",
+__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "flow_step", "halvings", "level_depths", "nll_to_bits_per_dim",
            "standard_normal_log_prob"]
 
 #: The invertible 2x2 downsamplings by the names the models' ``downsample`` argument takes.
@@ -308,14 +308,7 @@ class ConvFlow(FlowModel):
         if possible < 1:
             raise ValueError(f"ConvFlow needs even image height and width (it starts with a 2x2 downsample), "
                              f"got {h}x{w}")
-        if scales is None:
-            scales = min(3, possible)
-        if isinstance(scales, bool) or not isinstance(scales, int) or not 1 <= scales <= possible:
-            raise ValueError(f"scales must be an int in 1..{possible} for {h}x{w} images "
-                             f"(each level but the last halves the size), got {scales!r}")
-        depths = [depth] * scales if isinstance(depth, int) else list(depth)
-        if len(depths) != scales or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
-            raise ValueError(f"depth must be a non-negative int or {scales} of them, got {depth!r}")
+        scales, depths = level_depths(depth, scales, possible, (h, w))
 
         def step(channels, k=kernel_size, activation=True):
             return flow_step(channels, k, slope=slope, backend=backend, init_scale=init_scale, activation=activation)
@@ -357,3 +350,17 @@ def halvings(h: int, w: int) -> int:
     return n
 
 
+def level_depths(depth, scales: int | None, possible: int, size: tuple[int, int]) -> tuple[int, list[int]]:
+    """Check a multi-scale flow's ``scales`` (``None``: as many as possible, at most 3, of the
+    ``possible`` levels of an image of ``size``) and ``depth`` (an int or one per level); return
+    ``(scales, depths)`` with one depth per level."""
+    h, w = size
+    if scales is None:
+        scales = min(3, possible)
+    if isinstance(scales, bool) or not isinstance(scales, int) or not 1 <= scales <= possible:
+        raise ValueError(f"scales must be an int in 1..{possible} for {h}x{w} images "
+                         f"(each level but the last halves the size), got {scales!r}")
+    depths = [depth] * scales if isinstance(depth, int) else list(depth)
+    if len(depths) != scales or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
+        raise ValueError(f"depth must be a non-negative int or {scales} of them, got {depth!r}")
+    return scales, depths

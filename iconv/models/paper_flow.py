@@ -43,7 +43,7 @@ from ..layers.affine import ActNorm, LogitTransform
 from ..layers.base import InvertibleSequential, MultiScale
 from ..layers.conv import InvertibleConv2d
 from ..layers.downsample import NNDownsample
-from .flow import FlowModel, halvings, nll_to_bits_per_dim, standard_normal_log_prob
+from .flow import FlowModel, halvings, level_depths, nll_to_bits_per_dim, standard_normal_log_prob
 
 __all__ = ["PaperFlow"]
 
@@ -80,14 +80,7 @@ class PaperFlow(FlowModel):
         if isinstance(pad_channels, bool) or not isinstance(pad_channels, int) or pad_channels < 1:
             raise ValueError(f"pad_channels must be a positive int (the Gaussian noise channels), got {pad_channels!r}")
         possible = halvings(h, w) + 1  # levels: one more than the downsamplings
-        if scales is None:
-            scales = min(3, possible)
-        if isinstance(scales, bool) or not isinstance(scales, int) or not 1 <= scales <= possible:
-            raise ValueError(f"scales must be an int in 1..{possible} for {h}x{w} images "
-                             f"(each level but the last halves the size), got {scales!r}")
-        depths = [depth] * scales if isinstance(depth, int) else list(depth)
-        if len(depths) != scales or any(isinstance(d, bool) or not isinstance(d, int) or d < 0 for d in depths):
-            raise ValueError(f"depth must be a non-negative int or {scales} of them, got {depth!r}")
+        scales, depths = level_depths(depth, scales, possible, (h, w))
         if not isinstance(actnorm, bool):
             raise ValueError(f"actnorm must be True or False, got {actnorm!r}")
         self.image_shape = (c, h, w)
