@@ -83,7 +83,6 @@ class ActNorm(InvertibleModule):
         self.channels, self.min_std = channels, float(min_std)
         self.log_scale = nn.Parameter(torch.zeros(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
-        self._initialize_next = False
 
     def _check(self, x: torch.Tensor, name: str) -> None:
         if at_boundary():
@@ -91,8 +90,6 @@ class ActNorm(InvertibleModule):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
-        if self._initialize_next:
-            self.initialize_from(x)
         h, w = x.shape[-2:]
         y = x * self.log_scale.exp().view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
         return y, (h * w * self.log_scale.sum()).to(x.dtype).expand(x.shape[0])
@@ -110,7 +107,6 @@ class ActNorm(InvertibleModule):
         check_image(x, "x", channels=self.channels, dtype=self.log_scale.dtype)
         if x.shape[0] == 0:
             raise ValueError("initialize_from needs at least one image, got a batch of 0")
-        self._initialize_next = False
         mean = x.mean(dim=(0, 2, 3))
         std = x.std(dim=(0, 2, 3), unbiased=False)
         std = torch.where(std < self.min_std, torch.ones_like(std), std)
@@ -139,7 +135,6 @@ class PixelAffine(InvertibleModule):
         self.shape, self.min_std = tuple(shape), float(min_std)
         self.log_scale = nn.Parameter(torch.zeros(self.shape))
         self.bias = nn.Parameter(torch.zeros(self.shape))
-        self._initialize_next = False
 
     def _check(self, x: torch.Tensor, name: str) -> None:
         if at_boundary():
@@ -149,8 +144,6 @@ class PixelAffine(InvertibleModule):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         self._check(x, "x")
-        if self._initialize_next:
-            self.initialize_from(x)
         y = x * self.log_scale.exp() + self.bias
         return y, self.log_scale.sum().to(x.dtype).expand(x.shape[0])
 
@@ -165,7 +158,6 @@ class PixelAffine(InvertibleModule):
         if tuple(x.shape[1:]) != self.shape or x.shape[0] == 0:
             raise ValueError(f"initialize_from needs a batch of at least one {self.shape} sample, "
                              f"got shape {tuple(x.shape)}")
-        self._initialize_next = False
         std = x.std(dim=0, unbiased=False).clamp_min(self.min_std)
         self.log_scale.copy_(-torch.log(std))
         self.bias.copy_(-x.mean(dim=0) / std)
