@@ -6,8 +6,16 @@ penalty)``, run by ``iconv.train.run`` and checkpointed so that an interrupted j
 stopped (``resume="if-exists"``), and writes one JSON with the measured accuracies, the
 conditioning history of every run and the float32 reconstruction error of the invertible ones:
 
-    python tools/run_table1.py --size cpu --jobs 2 --work runs/table1-cpu \
-        --out book/results/classifier/table1_cpu.json
+    python tools/run_table1.py --size cpu --seeds 0 1 2 --eval-every 750 --jobs 2 \
+        --work runs/table1-cpu --out book/results/classifier/table1_cpu.json \
+        --pictures book/results/classifier/reconstructions_cpu.png
+    python tools/run_table1.py --quick --work /tmp/t1 --out /tmp/t1/table1.json   # seconds (CI)
+
+Every run is repeated for each of ``--seeds`` (checkpoints under ``--work/seed<k>/``). The JSON
+records the command, the commit, the machine, every run, and per configuration the mean and
+standard deviation over seeds; per change of the table, the difference of the mean accuracies
+against the row the paper compares with, its standard error ``sqrt(s_a^2/n_a + s_b^2/n_b)``, and
+whether it lies within noise (``|difference| < 2`` standard errors).
 
 The sizes are those of ``iconv.configs`` (explicit flags override them):
 
@@ -38,11 +46,17 @@ def run_names():
     return names + [("row6+penalty", 5, True)]
 
 
+#: ``--quick``: the ``ci`` size cut to seconds (tiny width, a few steps, 200 test images), two seeds.
+QUICK = {"size": "ci", "width": 4, "steps": 4, "eval_every": 2, "test_images": 200, "seeds": (0, 1)}
+
+
 def experiment(size: str, row: int, penalty: bool, overrides: dict, seed: int):
     """The configured experiment of one run, with the command line's overrides."""
     from iconv import configs
 
     e = configs.classifier(size, row, penalty)
+    if "test_images" in overrides:
+        e = e.replace(data={"test_images": overrides["test_images"]})
     training = {k: v for k, v in overrides.items() if k in ("steps", "epochs", "batch_size", "lr")}
     if "steps" in training:
         training["epochs"] = None
@@ -65,11 +79,11 @@ def train_one(job: dict) -> dict:
     name, row = job["name"], TABLE1[job["row"]]
     e = experiment(job["size"], job["row"], job["penalty"], job["overrides"], job["seed"])
     start = time.time()
-    result = run(e, checkpoint=Path(job["work"]) / f"{name}.pt", resume="if-exists", device=job["device"],
+    result = run(e, checkpoint=Path(job["work"]) / f"seed{job['seed']}" / f"{name}.pt", resume="if-exists", device=job["device"],
                  progress=job["progress"], download=job["download"], log_every=10)
     net, history = result.model, result.history
     out = {
-        "name": name, "change": row.change, "switches": row.switches,
+        "name": name, "seed": job["seed"], "change": row.change, "switches": row.switches,
         "penalty": {"spectral_weight": e.training.spectral_weight, "spectral_floor": e.training.spectral_floor}
         if job["penalty"] else None,
         "paper_accuracy": row.paper_accuracy, "paper_change": row.paper_change, "compared_with": row.compared_with,
@@ -133,21 +147,68 @@ def save_reconstructions(work: Path, size: str, png: str, names=("row6", "row6+p
     return errors
 
 
+def summarize(results: list[dict]) -> dict:
+    """Per run name: the seeds' test accuracies, their mean and standard deviation; per change with
+    a paper difference, the difference of means, its standard error and whether it is within noise."""
+    import statistics
+
+    rows = {}
+    for r in results:
+        rows.setdefault(r["name"], []).append(r)
+    out = {}
+    for name, runs in rows.items():
+        acc = [r["test_accuracy"] for r in runs]
+        out[name] = {"change": runs[0]["change"], "seeds": [r["seed"] for r in runs], "accuracies": acc,
+                     "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else None,
+                     "paper_accuracy": runs[0]["paper_accuracy"], "paper_change": runs[0]["paper_change"]}
+    for name, entry in out.items():
+        compared = rows[name][0]["compared_with"]
+        if rows[name][0]["penalty"]:  # the penalty run is compared with the same row without it
+            compared, other = None, name.split("+")[0]
+        else:
+            other = None if compared is None else f"row{compared + 1}"
+        if other in out:
+            a, b = entry, out[other]
+            diff = a["mean"] - b["mean"]
+            if a["std"] is not None and b["std"] is not None:
+                se = (a["std"] ** 2 / len(a["accuracies"]) + b["std"] ** 2 / len(b["accuracies"])) ** 0.5
+                entry.update(compared_with=other, change_vs=diff, change_se=se, within_noise=abs(diff) < 2 * se)
+            else:
+                entry.update(compared_with=other, change_vs=diff, change_se=None, within_noise=None)
+    return out
+
+
+def git_commit() -> str:
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "iconv", "tools"], cwd=root,
+                               capture_output=True, text=True).stdout
+        return head.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
 def main(argv=None) -> int:
+    import shlex
+
     from iconv import configs
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--size", "--preset", choices=configs.CLASSIFIER_SIZES, default="cpu")
-    for key in ("width", "steps", "batch_size", "eval_every"):
+    for key in ("width", "steps", "batch_size", "eval_every", "test_images"):
         parser.add_argument("--" + key.replace("_", "-"), type=int)
     parser.add_argument("--epochs", type=float)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--quick", action="store_true", help="seconds: the ci size cut down (proves the script)")
     parser.add_argument("--jobs", type=int, default=1, help="configurations trained at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per process")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--download", action="store_true", help="download CIFAR-10 if missing")
     parser.add_argument("--rows", default=None, help="comma-separated run names (default: all)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed (default: 0 1 2)")
     parser.add_argument("--work", default=None, help="checkpoints (default: runs/table1-<size> here)")
     parser.add_argument("--out", default=None, help="JSON file for the results (required unless --pictures-only)")
     parser.add_argument("--progress", action="store_true")
@@ -155,26 +216,41 @@ def main(argv=None) -> int:
     parser.add_argument("--pictures-only", action="store_true", help="only draw --pictures from the checkpoints")
     args = parser.parse_args(argv)
 
-    overrides = {k: getattr(args, k) for k in ("width", "steps", "batch_size", "eval_every", "lr", "epochs")
-                 if getattr(args, k) is not None}
+    if args.quick:
+        for key, value in QUICK.items():
+            if key != "seeds" and (key == "size" or getattr(args, key) is None):
+                setattr(args, key, value)
+        args.seeds = args.seeds or list(QUICK["seeds"])
+    seeds = args.seeds or [0, 1, 2]
+    if len(set(seeds)) != len(seeds):
+        parser.error(f"--seeds must be distinct, got {seeds}")
+    if args.jobs < 1 or args.threads < 1:
+        parser.error(f"--jobs and --threads must be positive, got {args.jobs} and {args.threads}")
+    overrides = {k: getattr(args, k) for k in ("width", "steps", "batch_size", "eval_every", "lr", "epochs",
+                                               "test_images") if getattr(args, k) is not None}
     try:  # check the overrides once, before any process starts
-        experiment(args.size, 0, False, overrides, args.seed)
+        experiment(args.size, 0, False, overrides, seeds[0])
     except ValueError as err:
         parser.error(str(err))
     work = Path(args.work or Path("runs") / f"table1-{args.size}")
-    work.mkdir(parents=True, exist_ok=True)
     if args.pictures_only:
         if not args.pictures:
             parser.error("--pictures-only needs --pictures PNG")
-        print(save_reconstructions(work, args.size, args.pictures))
+        print(save_reconstructions(work / f"seed{seeds[0]}", args.size, args.pictures))
         return 0
     if args.out is None:
         parser.error("--out JSON is required")
-    wanted = None if args.rows is None else set(args.rows.split(","))
+    for seed in seeds:
+        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
+    known = [name for name, _, _ in run_names()]
+    wanted = None if args.rows is None else args.rows.split(",")
+    if wanted is not None and set(wanted) - set(known):
+        parser.error(f"--rows: unknown {sorted(set(wanted) - set(known))}; choose from {known}")
     jobs = [dict(name=name, row=row, penalty=penalty, size=args.size, overrides=overrides, work=str(work),
-                 threads=args.threads, device=args.device, download=args.download, seed=args.seed,
+                 threads=args.threads, device=args.device, download=args.download, seed=seed,
                  progress=args.progress)
-            for name, row, penalty in run_names() if wanted is None or name in wanted]
+            for seed in seeds for name, row, penalty in run_names() if wanted is None or name in wanted]
     start = time.time()
     if args.jobs > 1:
         with ProcessPoolExecutor(args.jobs) as pool:
@@ -185,25 +261,32 @@ def main(argv=None) -> int:
 
     from iconv.train import atomic_write_json
 
-    e = experiment(args.size, 0, False, overrides, args.seed)
+    e = experiment(args.size, 0, False, overrides, seeds[0])
     settings = {"data": e.data.name, "width": e.model.width, **dataclasses.asdict(e.training),
                 "eval_every": e.evaluation.every, "eval_size": e.data.test_images}
     out = {
         "what": "Table 1 of Finzi et al. (2019) rebuilt with iconv; measured outside CI",
-        "preset": args.size, "settings": settings, "penalty_settings": configs.TABLE1_PENALTY, "seed": args.seed,
+        "command": "python " + " ".join(shlex.quote(x) for x in ["tools/run_table1.py"] +
+                                        list(sys.argv[1:] if argv is None else argv)),
+        "commit": git_commit(), "quick": args.quick,
+        "preset": args.size, "settings": settings, "penalty_settings": configs.TABLE1_PENALTY, "seeds": seeds,
         "experiment": e.to_dict(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{args.jobs} job(s) x {args.threads} thread(s), shared with other work",
-        "wall_seconds": time.time() - start, "runs": results,
+        "noise_rule": "a change is within noise when |difference of means| < 2 standard errors, "
+                      "sqrt(s_a^2/n_a + s_b^2/n_b), over the seeds",
+        "wall_seconds": time.time() - start, "summary": summarize(results), "runs": results,
     }
     atomic_write_json(args.out, out)
-    for r in results:
-        rec = r.get("reconstruction_float32", {}).get("relative_error")
-        print(f"{r['name']:13s} {r['change']:42s} acc {100 * r['test_accuracy']:.2f}% (paper {r['paper_accuracy']})"
-              + (f"  float32 reconstruction {rec:.2e}" if rec is not None else ""))
+    for name, entry in out["summary"].items():
+        std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
+        change = (f"  change {100 * entry['change_vs']:+.2f}" if entry.get("change_vs") is not None else "")
+        noise = "  (within noise)" if entry.get("within_noise") else ""
+        print(f"{name:13s} {entry['change']:42s} acc {100 * entry['mean']:.2f}{std}% over {len(entry['seeds'])} "
+              f"seed(s) (paper {entry['paper_accuracy']}){change}{noise}")
     print(f"wall {out['wall_seconds']:.0f} s -> {args.out}")
     if args.pictures:
-        print(save_reconstructions(work, args.size, args.pictures))
+        print(save_reconstructions(work / f"seed{seeds[0]}", args.size, args.pictures))
     return 0
 
 
