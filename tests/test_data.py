@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from iconv import data
+from tests.cifar_files import cifar_batch, write_cifar_tarball
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 
@@ -194,58 +195,6 @@ def test_load_dispatcher(tmp_path):
 
 
 # --------------------------------------------------------------------------- CIFAR-10 parser
-
-
-def cifar_batch(n: int, seed: int, label: str) -> dict:
-    rng = np.random.default_rng(seed)
-    return {
-        b"batch_label": label.encode(),
-        b"labels": [int(v) for v in rng.integers(0, 10, n)],
-        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-        b"filenames": [f"img_{seed}_{i}.png".encode() for i in range(n)],
-    }
-
-
-class Py2StylePickler(pickle._Pickler):
-    """Pickles ``bytes`` and ``str`` as Python 2 ``str`` (BINSTRING opcodes), as the original files have them."""
-
-    dispatch = dict(pickle._Pickler.dispatch)
-
-    def save_py2_str(self, obj):
-        raw = obj.encode("latin1") if isinstance(obj, str) else obj
-        if len(raw) < 256:
-            self.write(pickle.SHORT_BINSTRING + bytes([len(raw)]) + raw)
-        else:
-            self.write(pickle.BINSTRING + struct.pack("<i", len(raw)) + raw)
-        self.memoize(obj)
-
-    dispatch[bytes] = save_py2_str
-    dispatch[str] = save_py2_str
-
-
-def pickle_batch(batch: dict, py2: bool) -> bytes:
-    if not py2:
-        return pickle.dumps(batch, protocol=2)
-    buf = io.BytesIO()
-    Py2StylePickler(buf, protocol=2).dump(batch)
-    return buf.getvalue().replace(b"numpy._core.multiarray", b"numpy.core.multiarray")
-
-
-def write_cifar_tarball(path: Path, sizes=(2, 3, 1, 2, 2), n_test=3, py2=False) -> dict:
-    """A cifar-10-python.tar.gz in the real layout with a few random images per batch."""
-    batches = {f"data_batch_{i + 1}": cifar_batch(n, i, f"training batch {i + 1} of 5") for i, n in enumerate(sizes)}
-    batches["test_batch"] = cifar_batch(n_test, 99, "testing batch 1 of 1")
-    with tarfile.open(path, "w:gz") as tar:
-        for name, batch in batches.items():
-            blob = pickle_batch(batch, py2)
-            info = tarfile.TarInfo(f"cifar-10-batches-py/{name}")
-            info.size = len(blob)
-            tar.addfile(info, io.BytesIO(blob))
-        meta = pickle.dumps({b"label_names": [n.encode() for n in data.CLASS_NAMES["cifar10"]]}, protocol=2)
-        info = tarfile.TarInfo("cifar-10-batches-py/batches.meta")
-        info.size = len(meta)
-        tar.addfile(info, io.BytesIO(meta))
-    return batches
 
 
 @pytest.mark.parametrize("py2", [False, True])

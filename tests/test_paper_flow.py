@@ -13,6 +13,7 @@ import json
 import math
 import subprocess
 import sys
+import statistics
 import time
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from iconv.bounds import evaluate_bound_and_iw, paper_flow_loss
 from iconv.layers import LogitTransform
 from iconv.models import MODELS, PaperFlow
 from iconv.models.flow import standard_normal_log_prob
+from iconv.studies import compare
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -185,6 +187,10 @@ def test_bad_arguments_are_named():
         model.importance_weighted_log_prob(torch.rand(1, 1, 4, 4), 0)
 
 
+STUDY_PAIRS = (("convflow", "glow"), ("convflow-large", "glow-large"), ("convflow-large", "convflow"),
+               ("glow-large", "glow"), ("convflow", "paperflow"))
+
+
 def test_flow_study_quick_run(tmp_path):
     """tools/run_flow_study.py --quick trains every model of the study for a few steps, resumably."""
     out, work = tmp_path / "results", tmp_path / "runs"
@@ -202,6 +208,16 @@ def test_flow_study_quick_run(tmp_path):
         assert isinstance(iconv.load(out / run["best_model"]), MODELS[run["class"]])
     paper = [r for r in study["runs"] if r["model"] == "paperflow"]
     assert all(r["likelihood"] == "bound" and math.isfinite(r["test_iw"]) for r in paper)
+    # every comparison is the noise rule of iconv.studies applied to the per-seed numbers it names
+    assert [(c["a"], c["b"]) for c in study["comparisons"]] == [(a, b) for a, b, _ in STUDY_PAIRS]
+    for c in study["comparisons"]:
+        tests = [[r["test"] for r in study["runs"] if r["model"] == m] for m in (c["a"], c["b"])]
+        assert c["test"] == compare(*tests).as_dict()
+        assert c["ratio"] == pytest.approx(statistics.fmean(tests[0]) / statistics.fmean(tests[1]), rel=1e-12)
+        step = c["equal_steps"]["step"]
+        at_step = [[[row["heldout"] for row in r["heldout_curve"] if row["step"] <= step][-1]
+                    for r in study["runs"] if r["model"] == m] for m in (c["a"], c["b"])]
+        assert c["equal_steps"]["difference"] == pytest.approx(compare(*at_step).difference, abs=1e-12)
     # a second launch finds every run finished and only rewrites the summary; a run whose record is lost
     # (an interrupted job) resumes from its checkpoint and reports the same numbers
     (work / "paperflow-seed1" / "done.json").unlink()

@@ -267,6 +267,51 @@ def summary(runs: list[dict]) -> dict:
     return out
 
 
+#: The pairs the chapters compare: (a, b, what a - b means); "test" is exact for a flow, a bound for PaperFlow.
+PAIRS = (
+    ("convflow", "glow", "exact ConvFlow against the Glow-style baseline at equal parameter count"),
+    ("convflow-large", "glow-large", "the same at the larger size"),
+    ("convflow-large", "convflow", "what the larger ConvFlow (depth 12, 5x5 kernels) gains"),
+    ("glow-large", "glow", "what the larger baseline gains"),
+    ("convflow", "paperflow", "exact ConvFlow against the paper's noise-padded flow (its bound)"),
+)
+
+
+def value_at_step(run: dict, step: int) -> float:
+    """The held-out bits/dim of ``run`` at its last evaluation at or before ``step``."""
+    rows = [r for r in run["heldout_curve"] if r["step"] <= step]
+    if not rows:
+        raise ValueError(f"run {run['model']}-seed{run['seed']} has no evaluation at or before step {step}")
+    return rows[-1]["heldout"]
+
+
+def comparisons(runs: list[dict]) -> list[dict]:
+    """Every pair of :data:`PAIRS` present in ``runs``: the difference of test means (and, for
+    PaperFlow, of its importance-weighted estimate), the ratio of the means, and the equal-steps
+    view (held-out bits/dim at the largest step every seed of both reached); each difference with
+    its standard error and the noise verdict of :mod:`iconv.studies`."""
+    from iconv.studies import compare
+
+    by_model = {}
+    for r in runs:
+        by_model.setdefault(r["model"], []).append(r)
+    out = []
+    for a, b, what in PAIRS:
+        if a not in by_model or b not in by_model:
+            continue
+        ra, rb = by_model[a], by_model[b]
+        ta, tb = [r["test"] for r in ra], [r["test"] for r in rb]
+        step = min(max(row["step"] for row in r["heldout_curve"]) for r in ra + rb)
+        entry = {"a": a, "b": b, "what": what, "likelihood": [ra[0]["likelihood"], rb[0]["likelihood"]],
+                 "test": compare(ta, tb).as_dict(), "ratio": (sum(ta) / len(ta)) / (sum(tb) / len(tb)),
+                 "equal_steps": {"step": step, **compare([value_at_step(r, step) for r in ra],
+                                                         [value_at_step(r, step) for r in rb]).as_dict()}}
+        if rb[0].get("test_iw") is not None:
+            entry["test_vs_iw"] = compare(ta, [r["test_iw"] for r in rb]).as_dict()
+        out.append(entry)
+    return out
+
+
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -293,6 +338,8 @@ def main(argv=None) -> dict:
         p.error(f"--models: unknown {unknown}; choose from {list(table)}")
     if a.jobs < 1:
         p.error(f"--jobs must be positive, got {a.jobs}")
+    from iconv.studies import NOISE_FACTOR
+
     out, work = Path(a.out), Path(a.work)
     jobs = [{"settings": s, "name": n, "seed": seed, "work": str(work), "models": table}
             for n in names for seed in s.seeds]
@@ -316,7 +363,9 @@ def main(argv=None) -> dict:
                           f"{s.budget:g} s of process CPU time, or at {s.max_steps} steps; report the best "
                           "held-out checkpoint on the test images"),
         "machine": machine(s, a.jobs), "wall_seconds_this_launch": time.time() - start,
-        "summary": summary(runs), "runs": runs,
+        "noise_rule": f"within noise when |difference of means| < {NOISE_FACTOR:g} standard errors, "
+                      "sqrt(s_a^2/n_a + s_b^2/n_b), over the seeds (iconv.studies)",
+        "summary": summary(runs), "comparisons": comparisons(runs), "runs": runs,
     }
     from iconv.train.files import atomic_write_json
 

@@ -149,8 +149,9 @@ def save_reconstructions(work: Path, size: str, png: str, names=("row6", "row6+p
 
 def summarize(results: list[dict]) -> dict:
     """Per run name: the seeds' test accuracies, their mean and standard deviation; per change with
-    a paper difference, the difference of means, its standard error and whether it is within noise."""
-    import statistics
+    a paper difference, the difference of means against the row it is compared with, its standard
+    error and whether it is within noise (the rule of :mod:`iconv.studies`)."""
+    from iconv.studies import compare, mean_std
 
     rows = {}
     for r in results:
@@ -158,23 +159,20 @@ def summarize(results: list[dict]) -> dict:
     out = {}
     for name, runs in rows.items():
         acc = [r["test_accuracy"] for r in runs]
+        mean, std = mean_std(acc, f"{name} test accuracies")
         out[name] = {"change": runs[0]["change"], "seeds": [r["seed"] for r in runs], "accuracies": acc,
-                     "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else None,
+                     "mean": mean, "std": std,
                      "paper_accuracy": runs[0]["paper_accuracy"], "paper_change": runs[0]["paper_change"]}
     for name, entry in out.items():
-        compared = rows[name][0]["compared_with"]
-        if rows[name][0]["penalty"]:  # the penalty run is compared with the same row without it
-            compared, other = None, name.split("+")[0]
+        first = rows[name][0]
+        if first["penalty"]:  # the penalty run is compared with the same row without it
+            other = name.split("+")[0]
         else:
-            other = None if compared is None else f"row{compared + 1}"
+            other = None if first["compared_with"] is None else f"row{first['compared_with'] + 1}"
         if other in out:
-            a, b = entry, out[other]
-            diff = a["mean"] - b["mean"]
-            if a["std"] is not None and b["std"] is not None:
-                se = (a["std"] ** 2 / len(a["accuracies"]) + b["std"] ** 2 / len(b["accuracies"])) ** 0.5
-                entry.update(compared_with=other, change_vs=diff, change_se=se, within_noise=abs(diff) < 2 * se)
-            else:
-                entry.update(compared_with=other, change_vs=diff, change_se=None, within_noise=None)
+            d = compare(entry["accuracies"], out[other]["accuracies"])
+            entry.update(compared_with=other, change_vs=d.difference, change_se=d.standard_error,
+                         within_noise=d.within_noise)
     return out
 
 
@@ -259,6 +257,7 @@ def main(argv=None) -> int:
         results = [train_one(job) for job in jobs]
     import torch
 
+    from iconv.studies import NOISE_FACTOR
     from iconv.train import atomic_write_json
 
     e = experiment(args.size, 0, False, overrides, seeds[0])
@@ -273,8 +272,8 @@ def main(argv=None) -> int:
         "experiment": e.to_dict(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
                    f"{args.jobs} job(s) x {args.threads} thread(s), shared with other work",
-        "noise_rule": "a change is within noise when |difference of means| < 2 standard errors, "
-                      "sqrt(s_a^2/n_a + s_b^2/n_b), over the seeds",
+        "noise_rule": f"a change is within noise when |difference of means| < {NOISE_FACTOR:g} standard errors, "
+                      "sqrt(s_a^2/n_a + s_b^2/n_b), over the seeds (iconv.studies)",
         "wall_seconds": time.time() - start, "summary": summarize(results), "runs": results,
     }
     atomic_write_json(args.out, out)
