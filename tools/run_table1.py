@@ -6,7 +6,7 @@ penalty)``, run by ``iconv.train.run`` and checkpointed so that an interrupted j
 stopped (``resume="if-exists"``), and writes one JSON with the measured accuracies, the
 conditioning history of every run and the float32 reconstruction error of the invertible ones:
 
-    python tools/run_table1.py --size cpu --seeds 0 1 2 --eval-every 750 --jobs 2 \
+    python tools/run_table1.py --size cpu --seeds 0 1 2 --eval-every 1500 --jobs 2 \
         --work runs/table1-cpu --out book/results/classifier/table1_cpu.json \
         --pictures book/results/classifier/reconstructions_cpu.png
     python tools/run_table1.py --quick --work /tmp/t1 --out /tmp/t1/table1.json   # seconds (CI)
@@ -215,6 +215,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.quick:
+        if args.size != parser.get_default("size"):
+            parser.error(f"--quick runs its own cut of the ci size; drop --size {args.size} or --quick")
         for key, value in QUICK.items():
             if key != "seeds" and (key == "size" or getattr(args, key) is None):
                 setattr(args, key, value)
@@ -238,13 +240,16 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out JSON is required")
-    for seed in seeds:
-        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
-    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     known = [name for name, _, _ in run_names()]
     wanted = None if args.rows is None else args.rows.split(",")
     if wanted is not None and set(wanted) - set(known):
         parser.error(f"--rows: unknown {sorted(set(wanted) - set(known))}; choose from {known}")
+    pictured = ("row6", "row6+penalty")
+    if args.pictures and wanted is not None and not set(pictured) <= set(wanted):
+        parser.error(f"--pictures draws the reconstructions of {pictured}; --rows {args.rows} does not train both")
+    for seed in seeds:
+        (work / f"seed{seed}").mkdir(parents=True, exist_ok=True)
+    Path(args.out).resolve().parent.mkdir(parents=True, exist_ok=True)
     jobs = [dict(name=name, row=row, penalty=penalty, size=args.size, overrides=overrides, work=str(work),
                  threads=args.threads, device=args.device, download=args.download, seed=seed,
                  progress=args.progress)

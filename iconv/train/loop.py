@@ -460,6 +460,9 @@ class _Trainer:
         self.history = History.from_dict(training["history"])
         self.history.config = dataclasses.asdict(self.config)
         self.start, self.elapsed = state["step"], training.get("elapsed", 0.0)
+        # the saved learning rate was set by the saved run's schedule: follow this run's (``steps`` may differ)
+        for group, base_lr in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base_lr * lr_factor(self.start, self.config)
         self.elapsed_cpu = training.get("elapsed_process", 0.0)
         _set_rng_state(training["rng"])
         self.last_good = self.checkpoint_path
