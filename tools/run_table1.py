@@ -6,7 +6,7 @@ penalty)``, run by ``iconv.train.run`` and checkpointed so that an interrupted j
 stopped (``resume="if-exists"``), and writes one JSON with the measured accuracies, the
 conditioning history of every run and the float32 reconstruction error of the invertible ones:
 
-    python tools/run_table1.py --size cpu --seeds 0 1 2 --eval-every 1500 --jobs 2 \
+    python tools/run_table1.py --size cpu --seeds 0 1 2 --jobs 2 \
         --work runs/table1-cpu --out book/results/classifier/table1_cpu.json \
         --pictures book/results/classifier/reconstructions_cpu.png
     python tools/run_table1.py --quick --work /tmp/t1 --out /tmp/t1/table1.json   # seconds (CI)
@@ -20,7 +20,7 @@ whether it lies within noise (``|difference| < 2`` standard errors).
 The sizes are those of ``iconv.configs`` (explicit flags override them):
 
     ci     Fashion-MNIST, width 8,    60 steps of 32  (what chapter 9 trains at its ci size)
-    cpu    Fashion-MNIST, width 16, 1500 steps of 64  (the larger CPU run, ~40 min on 2 cores)
+    cpu    Fashion-MNIST, width 16, 1000 steps of 64, 3 seeds  (the stored CPU run, ~50 min on 2 cores)
     gpu    CIFAR-10, width 64, 15 epochs of 128, augmentation  (Colab GPU)
     paper  CIFAR-10, width 64, 100 epochs of 50, SGD lr 0.1, augmentation (the paper's settings)
 
