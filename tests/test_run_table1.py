@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
+import iconv
 from iconv import configs
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -106,7 +108,8 @@ def test_quick_run_and_relaunch(tmp_path):
     assert png.read_bytes()[:8] == PNG_SIGNATURE
 
     png.unlink()
-    done, again_seconds = launch(tmp_path, *arguments)
+    models = tmp_path / "models"
+    done, again_seconds = launch(tmp_path, *arguments, "--models", str(models))
     assert done.returncode == 0, done.stderr[-3000:]
     again = json.loads(out.read_text())
     key = lambda r: (r["name"], r["seed"])
@@ -117,6 +120,17 @@ def test_quick_run_and_relaunch(tmp_path):
         assert new["eval_history"] == old["eval_history"] and new["train_seconds"] == old["train_seconds"]
     assert again["summary"] == table["summary"]
     assert png.read_bytes()[:8] == PNG_SIGNATURE
+    # --models: every trained net, without optimizer state, listed in the JSON; iconv.load opens each and it
+    # computes what the training checkpoint computes
+    assert sorted(again["models"]) == sorted(f"{r['name']}-seed{r['seed']}" for r in again["runs"])
+    images = torch.rand(4, 1, 28, 28)
+    for name, path in again["models"].items():
+        shipped = iconv.load(out.parent / path)
+        trained = iconv.load(work / f"seed{name.rsplit('-seed', 1)[1]}" / f"{name.rsplit('-seed', 1)[0]}.pt")
+        assert "training" not in torch.load(out.parent / path, weights_only=True) or \
+            torch.load(out.parent / path, weights_only=True)["training"] is None
+        with torch.no_grad():
+            assert torch.equal(shipped(images), trained(images))
     print(f"run_table1 --quick: {first:.1f} s, relaunch {again_seconds:.1f} s")
 
 

@@ -8,7 +8,7 @@ conditioning history of every run and the float32 reconstruction error of the in
 
     python tools/run_table1.py --size cpu --seeds 0 1 2 --jobs 2 \
         --work runs/table1-cpu --out book/results/classifier/table1_cpu.json \
-        --pictures book/results/classifier/reconstructions_cpu.png
+        --pictures book/results/classifier/reconstructions_cpu.png --models book/results/classifier/models
     python tools/run_table1.py --quick --work /tmp/t1 --out /tmp/t1/table1.json   # seconds (CI)
 
 Every run is repeated for each of ``--seeds`` (checkpoints under ``--work/seed<k>/``). The JSON
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import os
 import platform
 import sys
@@ -147,6 +148,28 @@ def save_reconstructions(work: Path, size: str, png: str, names=("row6", "row6+p
     return errors
 
 
+def export_models(work: Path, seeds, names, out_dir: Path, root: Path) -> dict:
+    """Write every trained net ``work/seed<k>/<name>.pt`` to ``out_dir/<name>-seed<k>.pt`` without its
+    optimizer state (the self-describing format: ``iconv.load`` opens each); returns name-seed -> path
+    relative to ``root``."""
+    from iconv.train import read_checkpoint, write_checkpoint
+
+    import iconv
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for seed in seeds:
+        for name in names:
+            source = work / f"seed{seed}" / f"{name}.pt"
+            state = read_checkpoint(source)
+            net = iconv.load(source)
+            target = out_dir / f"{name}-seed{seed}.pt"
+            write_checkpoint(target, net, step=state["step"], run=state["run"], experiment=state["experiment"],
+                             data=state["data"], seed=state["seed"])
+            paths[f"{name}-seed{seed}"] = os.path.relpath(target, root)
+    return paths
+
+
 def summarize(results: list[dict]) -> dict:
     """Per run name: the seeds' test accuracies, their mean and standard deviation; per change with
     a paper difference, the difference of means against the row it is compared with, its standard
@@ -212,6 +235,10 @@ def main(argv=None) -> int:
     parser.add_argument("--progress", action="store_true")
     parser.add_argument("--pictures", default=None, help="PNG of float32 reconstructions by the trained row 6 nets")
     parser.add_argument("--pictures-only", action="store_true", help="only draw --pictures from the checkpoints")
+    parser.add_argument("--models", default=None,
+                        help="folder for the trained nets without optimizer state (iconv.load opens each)")
+    parser.add_argument("--models-only", action="store_true",
+                        help="only write --models from finished checkpoints and list them in the --out JSON")
     args = parser.parse_args(argv)
 
     if args.quick:
@@ -240,6 +267,18 @@ def main(argv=None) -> int:
         return 0
     if args.out is None:
         parser.error("--out JSON is required")
+    if args.models_only:
+        if not args.models:
+            parser.error("--models-only needs --models FOLDER")
+        known_names = [name for name, _, _ in run_names()]
+        wanted_names = known_names if args.rows is None else args.rows.split(",")
+        from iconv.train import atomic_write_json
+
+        out = json.loads(Path(args.out).read_text())
+        out["models"] = export_models(work, seeds, wanted_names, Path(args.models), Path(args.out).resolve().parent)
+        atomic_write_json(args.out, out)
+        print(f"{len(out['models'])} models -> {args.models}")
+        return 0
     known = [name for name, _, _ in run_names()]
     wanted = None if args.rows is None else args.rows.split(",")
     if wanted is not None and set(wanted) - set(known):
@@ -281,6 +320,9 @@ def main(argv=None) -> int:
                       "sqrt(s_a^2/n_a + s_b^2/n_b), over the seeds (iconv.studies)",
         "wall_seconds": time.time() - start, "summary": summarize(results), "runs": results,
     }
+    if args.models:
+        out["models"] = export_models(work, seeds, list(dict.fromkeys(r["name"] for r in results)),
+                                      Path(args.models), Path(args.out).resolve().parent)
     atomic_write_json(args.out, out)
     for name, entry in out["summary"].items():
         std = f" ± {100 * entry['std']:.2f}" if entry["std"] is not None else ""
