@@ -26,6 +26,7 @@ from iconv.layers import LogitTransform
 from iconv.models import MODELS, PaperFlow
 from iconv.models.flow import standard_normal_log_prob
 from iconv.studies import compare
+from iconv.train import read_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -206,6 +207,7 @@ def test_flow_study_quick_run(tmp_path):
     for run in study["runs"]:
         assert run["steps"] >= 1 and math.isfinite(run["heldout_best"]) and math.isfinite(run["test"])
         assert isinstance(iconv.load(out / run["best_model"]), MODELS[run["class"]])
+        assert read_checkpoint(out / run["best_model"])["data"]["name"] == "digits"  # self-describing
     paper = [r for r in study["runs"] if r["model"] == "paperflow"]
     assert all(r["likelihood"] == "bound" and math.isfinite(r["test_iw"]) for r in paper)
     # every comparison is the noise rule of iconv.studies applied to the per-seed numbers it names

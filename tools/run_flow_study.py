@@ -136,6 +136,11 @@ def load_data(s: Settings):
     return train, heldout, test[:s.test_images]
 
 
+def data_record(s: Settings) -> dict:
+    """What a shipped checkpoint says about its training data (``iconv.train.read_checkpoint(...)["data"]``)."""
+    return {"name": s.data, "split": "train", "holdout": s.heldout, "train_images": s.train_images}
+
+
 def is_bound(model) -> bool:
     from iconv.models import PaperFlow
 
@@ -203,7 +208,8 @@ def train_one(job: dict) -> dict:
         evals = [row["heldout"] for row in history.eval]
         if evals and evals[-1] == min(evals) and (not best_path.exists() or
                                                    load_checkpoint(best_path)["step"] != steps):
-            write_checkpoint(best_path, model, step=steps, seed=seed, extra={"heldout_bits_per_dim": evals[-1]})
+            write_checkpoint(best_path, model, step=steps, seed=seed, data=data_record(s),
+                             run={"study": "flow", "model": name}, extra={"heldout_bits_per_dim": evals[-1]})
         if history.stopped == "time_limit":
             reason = f"CPU budget of {s.budget:g} s spent"
         elif steps >= s.max_steps:
