@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -260,6 +259,8 @@ def machine(s: Settings, jobs: int) -> dict:
 
 def summary(runs: list[dict]) -> dict:
     """Per model: mean and std (over seeds) of the test and held-out numbers, steps and CPU time."""
+    from iconv.studies import mean_std
+
     out = {}
     for name in dict.fromkeys(r["model"] for r in runs):
         rows = [r for r in runs if r["model"] == name]
@@ -267,8 +268,8 @@ def summary(runs: list[dict]) -> dict:
         for key in ("test", "test_iw", "heldout_best", "steps", "cpu_seconds"):
             values = [r[key] for r in rows if r.get(key) is not None]
             if values:
-                entry[key] = {"mean": statistics.fmean(values),
-                              "std": statistics.stdev(values) if len(values) > 1 else None}
+                mean, std = mean_std(values, f"{name} {key}")
+                entry[key] = {"mean": mean, "std": std}
         out[name] = entry
     return out
 
