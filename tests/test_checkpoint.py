@@ -13,7 +13,9 @@ from iconv.train import CheckpointError, read_checkpoint, write_checkpoint
 from iconv.train.checkpoint import FORMAT, VERSION, digest
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = sorted((REPO / "book" / "results").rglob("*.pt"))
+SHIPPED = sorted((REPO / "book" / "results" / "flow").glob("*.pt"))
+#: Every model the book ships (the flow study's and Table 1's too).
+ALL_SHIPPED = sorted((REPO / "book" / "results").rglob("*.pt"))
 
 
 def models():
@@ -184,6 +186,29 @@ def test_every_shipped_checkpoint_loads(path):
     with torch.no_grad():
         bpd = -model.double().log_prob(x) / (784 * torch.log(torch.tensor(2.0, dtype=torch.float64))) + 8
     assert torch.isfinite(bpd).all()
+
+
+@pytest.mark.parametrize("path", ALL_SHIPPED, ids=[f"{p.parent.parent.name}/{p.name}" for p in ALL_SHIPPED])
+def test_every_shipped_model_is_self_describing(path):
+    """iconv.load rebuilds every shipped model in eval mode; each records its data set and step and
+    carries no optimizer state."""
+    model = iconv.load(path)
+    state = read_checkpoint(path)
+    assert not model.training and state["training"] is None
+    assert state["data"]["name"] in ("fashion-mnist", "digits", "cifar10") and state["step"] >= 1
+    assert type(model).__name__ == state["model"]["class"]
+
+
+def test_shipped_studies_list_their_models():
+    """The studies' JSON name exactly the model files shipped beside them."""
+    results = REPO / "book" / "results"
+    study = json.loads((results / "flow_study" / "study.json").read_text())
+    assert sorted(results / "flow_study" / r["best_model"] for r in study["runs"]) == \
+        sorted((results / "flow_study" / "models").glob("*.pt"))
+    table1 = json.loads((results / "classifier" / "table1_cpu.json").read_text())
+    assert sorted(results / "classifier" / p for p in table1["models"].values()) == \
+        sorted((results / "classifier" / "models").glob("*.pt"))
+    assert sum(p.stat().st_size for p in ALL_SHIPPED) < 20e6
 
 
 def test_shipped_convflow_matches_its_recorded_test_bits_per_dim():
