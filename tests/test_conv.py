@@ -5,7 +5,7 @@ from hypothesis import given, strategies as st
 import iconv
 from iconv import fourier
 from iconv.core.circular import circular_conv2d, dense_conv_matrix
-from iconv.layers.conv import InvertibleConv2d, circular_pad
+from iconv.layers.conv import InvertibleConv2d, circular_pad, shared_logabsdets
 from tests.helpers import dense_apply, relerr
 
 
@@ -128,3 +128,33 @@ def test_layer_conv_is_the_circular_conv_bit_for_bit(k):
         layer.bias.normal_()
     x = torch.randn(2, 3, 6, 5, dtype=torch.float64)
     assert torch.equal(layer.conv(x), circular_conv2d(x, layer.weight, layer.bias))
+
+
+def test_shared_logabsdets_give_each_conv_its_own_value_from_one_factorization_per_shape(monkeypatch):
+    """Inside the block: values and gradients equal the separate calls bit for bit, one LU per shape."""
+    torch.manual_seed(0)
+    convs = [InvertibleConv2d(3, 3, init_scale=0.4).double() for _ in range(3)] + [InvertibleConv2d(2, 1).double()]
+    sizes = [(5, 6), (5, 6), (4, 4), (5, 6)]
+    expected = [fourier.logabsdet(conv.weight, *size) for conv, size in zip(convs, sizes)]
+    expected_grads = [torch.autograd.grad(value, conv.weight)[0] for value, conv in zip(expected, convs)]
+    calls = []
+    lu = fourier._lu
+    monkeypatch.setattr(fourier, "_lu", lambda blocks, backend: calls.append(blocks.shape) or lu(blocks, backend))
+    with shared_logabsdets(list(zip(convs, sizes)) + [(convs[0], (5, 6))]):  # a repeated entry counts once
+        got = [conv.logabsdet(*size) for conv, size in zip(convs, sizes)]
+        assert len(calls) == 3  # (3, 3 at 5x6) for two convs, (3, 3 at 4x4), (2, 1 at 5x6)
+        other_size = convs[0].logabsdet(4, 5)  # not listed at this size: computed on its own
+        assert len(calls) == 4
+    assert torch.equal(other_size, fourier.logabsdet(convs[0].weight, 4, 5))
+    for value, reference, conv, grad in zip(got, expected, convs, expected_grads):
+        assert torch.equal(value, reference)
+        assert torch.equal(torch.autograd.grad(value, conv.weight, retain_graph=True)[0], grad)
+    assert convs[0].logabsdet(5, 6) is not got[0]  # outside the block: no stale value
+
+
+def test_shared_logabsdets_compute_nothing_without_gradients(monkeypatch):
+    conv = InvertibleConv2d(3, 3).double()
+    monkeypatch.setattr(fourier, "logabsdets", lambda *args, **kwargs: pytest.fail("computed without gradients"))
+    with torch.no_grad(), shared_logabsdets([(conv, (4, 4))]):
+        y, logabsdet = conv(torch.randn(2, 3, 4, 4, dtype=torch.float64))
+    assert torch.equal(logabsdet, conv.factorization(4, 4).logabsdet.expand(2))

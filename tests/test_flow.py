@@ -4,6 +4,7 @@ The contract every flow keeps (round trip, log-determinant against the autograd 
 independence, train == eval, dtype and device) is checked once, for every model, in
 tests/test_protocol.py.
 """
+import contextlib
 import math
 
 import pytest
@@ -244,3 +245,28 @@ def test_standard_normal_log_prob():
     z = torch.randn(3, 5, dtype=torch.float64)
     ref = torch.distributions.Normal(0.0, 1.0).log_prob(z).sum(1)
     assert torch.allclose(standard_normal_log_prob(z), ref)
+
+
+def test_training_forward_shares_one_factorization_per_conv_shape(monkeypatch):
+    """The likelihood and every gradient are those of per-conv log-determinants, with fewer factorizations."""
+    from iconv.core import fourier
+    from iconv.layers import conv as conv_module
+
+    flow = tiny_flow((1, 8, 8), depth=3)
+    x = torch.rand(4, 1, 8, 8, dtype=torch.float64)
+    shapes = {(conv.channels, conv.kernel_size, size) for conv, size in flow.convs()}
+    assert len(flow.convs()) == 12 and len(shapes) == 5
+    calls = []
+    lu = fourier._lu
+    monkeypatch.setattr(fourier, "_lu", lambda blocks, backend: calls.append(1) or lu(blocks, backend))
+    shared = flow.log_prob(x).sum()
+    assert len(calls) == len(shapes)
+    shared_grads = torch.autograd.grad(shared, list(flow.parameters()))
+    monkeypatch.setattr(conv_module._shared, "table", None)
+    monkeypatch.setattr("iconv.models.flow.shared_logabsdets", lambda convs: contextlib.nullcontext())
+    calls.clear()
+    alone = flow.log_prob(x).sum()
+    assert len(calls) == len(flow.convs())
+    assert torch.equal(shared, alone)
+    for got, expected in zip(shared_grads, torch.autograd.grad(alone, list(flow.parameters()))):
+        torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)

@@ -313,3 +313,49 @@ def test_logabsdet_backward_is_right_in_float32():
     w64 = weight.detach().double().requires_grad_(True)
     (expected,) = torch.autograd.grad(dense_logabsdet(w64, 6, 5), w64)
     assert relerr(got.double(), expected) < 1e-5
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("c,k,h,w", [(3, 3, 4, 5), (2, 1, 3, 4), (4, 5, 5, 3)])
+def test_logabsdets_of_many_convs_match_dense_and_single_calls(backend, c, k, h, w):
+    """Values and gradients against the dense slogdet, and bit for bit against one call per weight."""
+    weights = torch.stack([random_weight(c, k) for _ in range(4)])
+    weights[2] = adversarial_weight(c, 1e6, w=w)[0] if (k, c) == (3, 3) else weights[2]  # near-singular member
+    weights.requires_grad_(True)
+    got = fourier.logabsdets(weights, h, w, backend)
+    assert got.shape == (4,)
+    (grad,) = torch.autograd.grad((got * torch.arange(1.0, 5.0, dtype=got.dtype)).sum(), weights)
+    for g, weight in enumerate(weights.detach()):
+        one = weight.clone().requires_grad_(True)
+        single = fourier.logabsdet(one, h, w, backend)
+        (single_grad,) = torch.autograd.grad((g + 1.0) * single, one)
+        assert torch.equal(got[g].detach(), single.detach())
+        assert torch.equal(grad[g], single_grad)
+        dense = one.detach().clone().requires_grad_(True)
+        expected = dense_logabsdet(dense, h, w)
+        (dense_grad,) = torch.autograd.grad((g + 1.0) * expected, dense)
+        assert abs(got[g].item() - expected.item()) <= 1e-10 * max(1.0, abs(expected.item()))
+        torch.testing.assert_close(grad[g], dense_grad, rtol=1e-6, atol=1e-8)
+
+
+def test_logabsdets_marks_each_singular_member_alone():
+    weights = torch.stack([random_weight(3, 3), torch.zeros(3, 3, 3, 3, dtype=torch.float64), random_weight(3, 3)])
+    got = fourier.logabsdets(weights, 4, 4)
+    assert got[1].item() == -math.inf and bool(torch.isfinite(got[[0, 2]]).all())
+    assert fourier.logabsdets(weights[:0], 4, 4).shape == (0,)
+
+
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda: fourier.logabsdets(torch.randn(3, 3, 3, 3), 4, 4), ValueError, r"weights must be a \(G, c, c, k, k\)"),
+        (lambda: fourier.logabsdets(torch.randn(2, 3, 2, 3, 3), 4, 4), ValueError, "c_out = 3, c_in = 2"),
+        (lambda: fourier.logabsdets(torch.randn(2, 3, 3, 3, 3).index_fill(0, torch.tensor([1]), math.inf), 4, 4),
+         ValueError, "weights hold non-finite"),
+        (lambda: fourier.logabsdets(torch.randn(2, 3, 3, 3, 3).half(), 4, 4), TypeError, "float32 or float64"),
+        (lambda: fourier.logabsdets(torch.randn(2, 3, 3, 3, 3), 4, 0), ValueError, "positive"),
+    ],
+)
+def test_logabsdets_bad_input_gets_a_clear_error(call, error, match):
+    with pytest.raises(error, match=match):
+        call()

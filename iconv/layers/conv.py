@@ -1,7 +1,10 @@
 """The invertible circular convolution layer."""
 from __future__ import annotations
 
+import contextlib
 import math
+import threading
+from typing import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +34,44 @@ def well_conditioned_weight(channels: int, kernel_size: int, scale: float = 0.1,
     weight = noise * (scale / math.sqrt(channels * kernel_size**2))
     weight[:, :, kernel_size // 2, kernel_size // 2] += q
     return weight.float()
+
+
+_shared = threading.local()  # .table: {(id(conv), (h, w)): log-determinant} inside shared_logabsdets
+
+
+@contextlib.contextmanager
+def shared_logabsdets(convs: Iterable[tuple["InvertibleConv2d", tuple[int, int]]]):
+    """Compute the log-determinants of many convs together, for the forward passes run inside the block.
+
+    ``convs`` lists ``(conv, (h, w))``: each :class:`InvertibleConv2d` with the image size it will
+    see (:meth:`iconv.models.FlowModel.convs` gives them for a flow). When gradients are on, the
+    convs of one shape (channels, kernel, size, backend, dtype, device) get their exact
+    log-determinants from one :func:`iconv.fourier.logabsdets` call, values and gradients equal
+    bit for bit to separate calls; inside the block, a listed conv's ``forward`` at its listed
+    size takes its value from there. Without gradients nothing is computed: each conv then
+    reuses its cached factorization. A flow's forward wraps its layers in this block: ConvFlow's
+    18 convs become 3 factorizations per training step.
+    """
+    if not torch.is_grad_enabled():
+        yield
+        return
+    groups: dict[tuple, dict] = {}
+    for conv, size in convs:
+        if conv.weight.requires_grad:
+            w = conv.weight
+            key = (conv.channels, conv.kernel_size, tuple(size), conv.backend, w.dtype, w.device)
+            groups.setdefault(key, {})[id(conv)] = conv  # a conv listed twice at one size counts once
+    table = {}
+    for (_, _, size, backend, _, _), members in groups.items():
+        values = fourier.logabsdets(torch.stack([conv.weight for conv in members.values()]), *size, backend,
+                                    validate=False)  # (G,)
+        table.update({(key, size): value for key, value in zip(members, values.unbind())})
+    previous = getattr(_shared, "table", None)
+    _shared.table = table
+    try:
+        yield
+    finally:
+        _shared.table = previous
 
 
 def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -97,6 +138,11 @@ class InvertibleConv2d(InvertibleModule):
         """Exact ``log|det|`` of this conv on ``h x w`` images (0-dim)."""
         if self._no_grad_needed():
             return self.factorization(h, w).logabsdet
+        shared = getattr(_shared, "table", None)
+        if shared:  # computed with the flow's other convs of this shape (shared_logabsdets)
+            value = shared.get((id(self), (h, w)))
+            if value is not None:
+                return value
         return fourier.logabsdet(self.weight, h, w, self.backend, validate=False)
 
     def _check(self, x: torch.Tensor, name: str) -> None:

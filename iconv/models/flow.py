@@ -47,7 +47,7 @@ from ..errors import NotInvertibleError
 from ..layers.activations import SneakyReLU
 from ..layers.affine import ActNorm, LogitTransform, PixelAffine
 from ..layers.base import InvertibleModule, InvertibleSequential, MultiScale, at_boundary, inside
-from ..layers.conv import InvertibleConv2d
+from ..layers.conv import InvertibleConv2d, shared_logabsdets
 from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
 
 __all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "flow_step", "halvings", "level_depths", "nll_to_bits_per_dim",
@@ -115,7 +115,8 @@ class FlowModel(InvertibleModule):
         """
         if at_boundary():
             self.check_input(x)
-        with inside():
+        convs = self.convs() if torch.is_grad_enabled() else ()  # without gradients the convs' caches serve
+        with inside(), shared_logabsdets(convs):  # one factorization per conv shape, not per conv
             y, logabsdet = self.net(x)
         return y.reshape(x.shape[0], -1), logabsdet
 
