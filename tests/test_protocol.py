@@ -34,6 +34,7 @@ from iconv.layers import (ActNorm, AffineCoupling, AvgDownsample, Invertible1x1C
                           InvertibleConv2d, InvertibleModule, InvertibleSequential, LogitTransform, MultiScale,
                           NNDownsample, PixelAffine, SneakyReLU, Squeeze)
 from iconv.models import ConvFlow, ConvNet, GlowBaseline, PaperFlow
+from iconv.models.flow import flow_step
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -137,6 +138,11 @@ CASES = [
     Case("NNDownsample", NNDownsample, (1, 6, 2)),
     Case("AvgDownsample", AvgDownsample, (2, 2, 6)),
     Case("ActNorm", lambda: ActNorm(3), (3, 3, 5)),
+    # FlowStep: called by the user (layer by layer) and inside a model (the affine folded into the conv)
+    Case("FlowStep", lambda: flow_step(3, 3, slope=0.3), (3, 4, 5)),
+    Case("FlowStep-inside", lambda: InvertibleSequential(SneakyReLU(0.3), flow_step(3, 3, slope=0.3)), (3, 4, 5)),
+    Case("FlowStep-inside-k1-no-activation", lambda: InvertibleSequential(SneakyReLU(0.3), flow_step(2, 1, activation=False)),
+         (2, 3, 3)),
     Case("PixelAffine", lambda: PixelAffine((2, 3, 5)), (2, 3, 5)),
     Case("LogitTransform", lambda: LogitTransform(0.1), (2, 3, 5), inputs="rand"),
     Case("Invertible1x1Conv", lambda: Invertible1x1Conv(4), (4, 3, 2)),
