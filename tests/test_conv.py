@@ -5,7 +5,8 @@ from hypothesis import given, strategies as st
 import iconv
 from iconv import fourier
 from iconv.core.circular import circular_conv2d, dense_conv_matrix
-from iconv.layers.conv import InvertibleConv2d, circular_pad, shared_logabsdets
+from iconv.layers import conv as conv_module
+from iconv.layers.conv import InvertibleConv2d, circular_conv, circular_pad, circular_pad_adjoint, shared_logabsdets
 from tests.helpers import dense_apply, relerr
 
 
@@ -158,3 +159,56 @@ def test_shared_logabsdets_compute_nothing_without_gradients(monkeypatch):
     with torch.no_grad(), shared_logabsdets([(conv, (4, 4))]):
         y, logabsdet = conv(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert torch.equal(logabsdet, conv.factorization(4, 4).logabsdet.expand(2))
+
+
+def test_circular_pad_adjoint_is_the_adjoint_and_the_gradient():
+    torch.manual_seed(0)
+    for p, (h, w) in [(1, (4, 5)), (2, (3, 2)), (2, (5, 5)), (3, (3, 4))]:
+        x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, 3, h + 2 * p, w + 2 * p, dtype=torch.float64)
+        padded = torch.nn.functional.pad(x, (p,) * 4, mode="circular")
+        (expected,) = torch.autograd.grad(padded, x, g)
+        torch.testing.assert_close(circular_pad_adjoint(g, p), expected, rtol=1e-14, atol=1e-14)
+        lhs, rhs = (padded * g).sum(), (x * circular_pad_adjoint(g, p)).sum()
+        assert abs(lhs.item() - rhs.item()) < 1e-12 * abs(lhs.item())
+
+
+@pytest.mark.parametrize("route", ["forward", "onednn"])
+@pytest.mark.parametrize("c,k,h,w,bias", [(3, 3, 5, 4, True), (2, 5, 3, 6, False), (4, 3, 2, 7, True)])
+def test_circular_conv_gradients_match_autograd_through_the_padded_conv(monkeypatch, route, c, k, h, w, bias):
+    """Both input-gradient routes, against autograd through F.pad + F.conv2d and the dense matrix, in float64."""
+    monkeypatch.setattr(conv_module, "FORWARD_ROUTE_MAX_CHANNELS", 64 if route == "forward" else 0)
+    torch.manual_seed(1)
+    x = torch.randn(3, c, h, w, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(c, c, k, k, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(c, dtype=torch.float64, requires_grad=True) if bias else None
+    inputs = [x, weight] + ([b] if bias else [])
+    g = torch.randn(3, c, h, w, dtype=torch.float64)
+    y = circular_conv(x, weight, b)
+    assert y.grad_fn.name() == "_CircularConv2dBackward"
+    expected_y = circular_conv2d(x, weight, b)
+    assert torch.equal(y, expected_y)
+    for got, expected in zip(torch.autograd.grad(y, inputs, g, retain_graph=True),
+                             torch.autograd.grad(expected_y, inputs, g)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    (dense_grad,) = torch.autograd.grad(dense_apply(weight, x), x, g)  # x-gradient = M^T g
+    torch.testing.assert_close(torch.autograd.grad(y, x, g)[0], dense_grad, rtol=1e-12, atol=1e-12)
+    small = [t.detach()[:2].clone().requires_grad_(True) if t is x else t for t in inputs]
+    assert torch.autograd.gradcheck(lambda *a: circular_conv(*a), small)
+    assert torch.autograd.gradgradcheck(lambda *a: circular_conv(*a), small)
+
+
+def test_circular_conv_keeps_only_its_input_for_the_backward():
+    """No padded copy is saved: every tensor the conv keeps is its input or its parameters."""
+    x = torch.randn(4, 3, 6, 6, requires_grad=True)
+    layer = InvertibleConv2d(3, 3)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer.conv(x * 1.0)
+    assert saved and all(t.shape in {(4, 3, 6, 6), (3, 3, 3, 3), (3,)} for t in saved)
+
+
+def test_circular_conv_without_gradients_is_the_plain_padded_conv():
+    x, weight = torch.randn(2, 3, 5, 5), torch.randn(3, 3, 3, 3)
+    assert circular_conv(x, weight).grad_fn is None
+    assert torch.equal(circular_conv(x, weight), circular_conv2d(x, weight))

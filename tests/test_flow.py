@@ -270,3 +270,39 @@ def test_training_forward_shares_one_factorization_per_conv_shape(monkeypatch):
     assert torch.equal(shared, alone)
     for got, expected in zip(shared_grads, torch.autograd.grad(alone, list(flow.parameters()))):
         torch.testing.assert_close(got, expected, rtol=1e-13, atol=1e-13)
+
+
+def test_flow_step_folds_the_affine_into_the_conv_inside_a_model():
+    """Inside a model: one conv with the folded weight and bias; the same map, log-determinant and
+    gradients as the layers called one by one (float64, to rounding); hooks force the layer-by-layer path."""
+    from iconv.layers.base import inside
+    from iconv.models.flow import FlowStep, flow_step
+
+    torch.manual_seed(0)
+    step = flow_step(3, 3, slope=0.2).double()
+    with torch.no_grad():
+        step[0].log_scale.normal_(0, 0.5)
+        step[0].bias.normal_(0, 0.5)
+        step[1].bias.normal_(0, 0.5)
+    assert isinstance(step, FlowStep)
+    x = torch.randn(5, 3, 4, 6, dtype=torch.float64, requires_grad=True)
+    seen = []
+    with inside():
+        folded, folded_lad = step(x)
+        assert folded.grad_fn is not None and step[1].last_size == (4, 6)
+        handle = step[0].register_forward_hook(lambda m, args, out: seen.append(out[0]))
+        layered, layered_lad = step(x)  # the hook must see the affine's output: layer by layer
+        handle.remove()
+        transformed = step.transform(x)
+    assert len(seen) == 1
+    reference = InvertibleSequential(*step)(x)  # at the boundary: the layers one by one
+    for got in (folded, layered, transformed):
+        torch.testing.assert_close(got, reference[0], rtol=1e-13, atol=1e-13)
+    torch.testing.assert_close(folded_lad, reference[1], rtol=1e-13, atol=1e-13)
+    assert torch.equal(transformed, folded)
+    params = [x] + list(step.parameters())
+    g = torch.randn_like(folded)
+    for got, expected in zip(torch.autograd.grad((folded * g).sum() + folded_lad.sum(), params),
+                             torch.autograd.grad((reference[0] * g).sum() + reference[1].sum(), params)):
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(step.inverse(folded), x, rtol=1e-12, atol=1e-12)
