@@ -350,7 +350,7 @@ class FlowStep(InvertibleSequential):
     one conv with a rescaled weight and a shifted bias (:math:`c^2 k^2` numbers), and the
     log-determinant is still :math:`HW\sum_c s_c + \log|\det \mathrm{Conv}_W|`. The affine's
     pass over the image, forward and backward, is gone, and the conv saves the activation the
-    previous step saved already. When either layer has forward hooks (such as the ones
+    previous step saved already. When either layer has forward hooks of its own (such as the ones
     :meth:`FlowModel.initialize` sets), the layers are called one by one instead, so the hooks
     see what they expect. The result equals the layer-by-layer one up to rounding
     (tests/test_flow.py: 1e-13 in float64); ``inverse`` runs the layers backwards as always.
@@ -391,9 +391,12 @@ class FlowStep(InvertibleSequential):
 
 
 def _hooked(module: nn.Module) -> bool:
-    """True when calling ``module`` would run forward hooks (its own or global ones): it must then really be called."""
-    return bool(module._forward_pre_hooks or module._forward_hooks or nn.modules.module._global_forward_pre_hooks
-                or nn.modules.module._global_forward_hooks)
+    """True when ``module`` has forward hooks of its own: it must then really be called.
+
+    (torch's global module hooks, ``register_module_forward_hook``, are not seen: they see a folded
+    step's activation and conv, not its affine.)
+    """
+    return bool(module._forward_pre_hooks or module._forward_hooks)
 
 
 def flow_step(channels: int, kernel_size: int = 3, *, slope: float = 0.1, backend: str = "complex",
