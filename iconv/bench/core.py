@@ -7,6 +7,9 @@ side :math:`m` grows (at :math:`c = 64`). This module times, on one device and i
 * the forward conv: torch's spatial circular conv (``conv_spatial``, the reference every ratio is
   taken to) and ours in the Fourier domain (``conv_fourier``);
 * ``logabsdet`` with the complex and the lifted backends (``logdet_complex``, ``logdet_lifted``);
+* what a training step pays, with gradients: the conv's forward and backward (``conv_train``:
+  torch's spatial circular conv, gradients for the input, weight and bias) and the log-determinant
+  with its gradient (``logdet_train``); ``logdet_train_per_conv_train`` is the ratio of the two;
 * the inverse with a fresh factorization at every call (``inverse_fresh``) and with the
   factorization cached by :class:`iconv.InvertibleConv2d` (``inverse_cached``: one batched product);
 * two baselines written plainly in :mod:`iconv.bench.reference`: the paper's own route (``paper_inverse``: two-sided FFT, all
@@ -66,6 +69,7 @@ __all__ = ["CONTENDERS", "DENSE", "INVERSES", "LABELS", "PAPER_CHANNELS", "PAPER
 CONTENDERS = (
     "conv_spatial", "conv_fourier",
     "logdet_complex", "logdet_lifted",
+    "conv_train", "logdet_train",
     "inverse_fresh", "inverse_cached",
     "paper_inverse", "paper_logdet",
     "dense_logdet", "dense_inverse",
@@ -93,7 +97,7 @@ SPEEDUP_LABELS = {
 }
 LABELS = {
     "conv_fourier": "conv F", "logdet_complex": "lad C", "logdet_lifted": "lad L",
-    "inverse_fresh": "inv fresh", "inverse_cached": "inv cached", "paper_inverse": "paper inv",
+    "conv_train": "conv f+b", "logdet_train": "lad f+b", "inverse_fresh": "inv fresh", "inverse_cached": "inv cached", "paper_inverse": "paper inv",
     "paper_logdet": "paper lad", "dense_logdet": "dense lad", "dense_inverse": "dense inv",
     "part_fft": "fft", "part_spectrum": "spectrum", "part_factorize": "LU", "part_solve": "solve",
 }
@@ -244,6 +248,9 @@ def measure_point(
             "part_factorize": lambda: fourier.factorize(weight, h, w),
             "part_solve": lambda: fact.solve(y_freq),
         }
+        x_train, weight_train, bias_train = (t.clone().requires_grad_(True) for t in (x, weight, bias))
+        calls["conv_train"] = _with_gradients(lambda: circular_conv2d(x_train, weight_train, bias_train).backward(y))
+        calls["logdet_train"] = _with_gradients(lambda: fourier.logabsdet(weight_train, h, w).backward())
         for name in [n for n in INVERSES if n in names]:
             row[f"{name}_roundtrip"] = _roundtrip(x, calls[name]())
         samples = time_interleaved({n: calls[n] for n in names}, repeats, warmup, device, budget_s)
@@ -264,7 +271,16 @@ def measure_point(
             row[f"{name}_per_conv"] = row[f"{name}_ms"] / row[f"{REFERENCE}_ms"]
     for name, (slow, fast) in SPEEDUPS.items():
         row[f"speedup_{name}"] = row[f"{slow}_ms"] / row[f"{fast}_ms"]
+    row["logdet_train_per_conv_train"] = row["logdet_train_ms"] / row["conv_train_ms"]
     return row
+
+
+def _with_gradients(call: Callable[[], object]) -> Callable[[], object]:
+    """``call`` run with autograd on (the timed calls otherwise run under ``torch.no_grad``)."""
+    def timed():
+        with torch.enable_grad():
+            return call()
+    return timed
 
 
 def columns() -> list[str]:
@@ -275,7 +291,7 @@ def columns() -> list[str]:
     cols += [f"{n}_per_conv" for n in CONTENDERS if n != REFERENCE]
     cols += [f"{n}_roundtrip" for n in INVERSES]
     cols += [f"speedup_{n}" for n in SPEEDUPS]
-    return cols
+    return cols + ["logdet_train_per_conv_train"]
 
 
 def run(
@@ -320,19 +336,20 @@ def format_table(rows: Sequence[dict]) -> str:
     """Times of the reference conv, every other contender as a ratio to it, and the speed-ups."""
     ratio_names = [n for n in CONTENDERS if n != REFERENCE and any(r[f"{n}_repeats"] for r in rows)]
     head = ["sweep", "c", "m", "conv ms"] + [LABELS[n] for n in ratio_names] + \
-           [f"x {SPEEDUP_LABELS[n]}" for n in SPEEDUPS] + ["roundtrip max"]
+           ["lad f+b / conv f+b"] + [f"x {SPEEDUP_LABELS[n]}" for n in SPEEDUPS] + ["roundtrip max"]
     body = []
     for r in rows:
         trips = [r[f"{n}_roundtrip"] for n in INVERSES if not math.isnan(r[f"{n}_roundtrip"])]
         body.append([r["sweep"], str(r["c"]), str(r["h"]), _fmt(r[f"{REFERENCE}_ms"])]
                     + [_fmt(r[f"{n}_per_conv"]) for n in ratio_names]
+                    + [_fmt(r["logdet_train_per_conv_train"])]
                     + [_fmt(r[f"speedup_{n}"]) for n in SPEEDUPS]
                     + [f"{max(trips):.1e}" if trips else "-"])
     widths = [max(len(line[i]) for line in [head] + body) for i in range(len(head))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [head] + body]
     notes = sorted({f"c={r['c']} m={r['h']}: dense route {r['dense_note']}" for r in rows if r["dense_note"]})
     legend = ("conv ms = median of torch's spatial circular conv; other columns before 'x' = time / conv time; "
-              "'x a vs b' = time of b / time of a (half-spec: paper lad / lad L; caching: inv fresh / inv cached); "
+              "f+b = forward + backward (with gradients); 'x a vs b' = time of b / time of a (half-spec: paper lad / lad L; caching: inv fresh / inv cached); "
               "- = not run")
     return "\n".join(lines + [legend] + notes)
 
