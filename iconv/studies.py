@@ -14,16 +14,19 @@ seeds of the two being independent) is
 A difference is called *within noise* when ``|d| < 2 se(d)`` (:data:`NOISE_FACTOR`), roughly a
 two-sided 95 % interval for normal seed-to-seed scatter. With three seeds this is a coarse test: it
 calls small real differences noise rather than the reverse, which is the safe side for the book's
-claims. Used by ``tools/run_table1.py``, ``tools/run_flow_study.py`` and chapters 7 and 9.
+claims. Used by ``tools/run_table1.py``, ``tools/run_flow_study.py`` and chapters 7 and 9, which
+also record the code a study ran with (:func:`code_version`).
 """
 from __future__ import annotations
 
 import math
 import statistics
+import subprocess
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Sequence
 
-__all__ = ["NOISE_FACTOR", "Difference", "compare", "mean_std", "curve_band"]
+__all__ = ["NOISE_FACTOR", "Difference", "code_version", "compare", "mean_std", "curve_band"]
 
 #: A difference is within noise when it is smaller than this many standard errors.
 NOISE_FACTOR = 2.0
@@ -96,3 +99,19 @@ def curve_band(curves: Sequence[Sequence[tuple[float, float]]], grid: Sequence[f
         else:
             mean.append(None), low.append(None), high.append(None)
     return mean, low, high
+
+
+def code_version(root: str | Path, paths: Sequence[str] = ("iconv", "tools")) -> str:
+    """The git commit of the repository at ``root``, as a study records it.
+
+    ``"<sha>+uncommitted"`` when files under ``paths`` (the code that makes the results, not the
+    results themselves) differ from that commit, the bare sha otherwise, ``"unknown"`` when
+    ``root`` is not a git checkout or git is missing.
+    """
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", *paths], cwd=root, capture_output=True,
+                               text=True, check=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head.stdout.strip() + ("+uncommitted" if dirty.strip() else "")

@@ -68,3 +68,28 @@ def test_curve_band_refuses_unsorted_or_empty_curves():
         curve_band([[(0, 1.0), (0, 2.0)]], [0])
     with pytest.raises(ValueError, match="one curve per seed"):
         curve_band([], [0])
+
+
+def test_code_version_names_the_commit_and_only_code_changes_make_it_uncommitted(tmp_path):
+    import shutil
+    import subprocess
+
+    from iconv.studies import code_version
+
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    assert code_version(tmp_path) == "unknown"  # not a checkout
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    subprocess.run(["git", "init", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "iconv").mkdir()
+    (tmp_path / "iconv" / "a.py").write_text("x = 1\n")
+    (tmp_path / "results.json").write_text("{}\n")
+    subprocess.run(["git", "add", "."], cwd=tmp_path, check=True)
+    subprocess.run(git + ["commit", "-qm", "one"], cwd=tmp_path, check=True)
+    sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=tmp_path, capture_output=True, text=True).stdout.strip()
+    assert code_version(tmp_path) == sha
+    (tmp_path / "results.json").write_text('{"new": 1}\n')  # results are not code
+    assert code_version(tmp_path) == sha
+    (tmp_path / "iconv" / "a.py").write_text("x = 2\n")
+    assert code_version(tmp_path) == sha + "+uncommitted"
+    assert code_version(tmp_path, paths=("tools",)) == sha

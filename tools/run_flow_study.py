@@ -46,7 +46,6 @@ import os
 import platform
 import shlex
 import shutil
-import subprocess
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -240,15 +239,6 @@ def train_one(job: dict) -> dict:
 # ----------------------------------------------------------------------------- the study
 
 
-def commit() -> str:
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout
-        return head.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def machine(s: Settings, jobs: int) -> dict:
     import torch
 
@@ -345,7 +335,7 @@ def main(argv=None) -> dict:
         p.error(f"--models: unknown {unknown}; choose from {list(table)}")
     if a.jobs < 1:
         p.error(f"--jobs must be positive, got {a.jobs}")
-    from iconv.studies import NOISE_FACTOR
+    from iconv.studies import NOISE_FACTOR, code_version
 
     out, work = Path(a.out), Path(a.work)
     jobs = [{"settings": s, "name": n, "seed": seed, "work": str(work), "models": table}
@@ -363,7 +353,7 @@ def main(argv=None) -> dict:
     study = {
         "command": "python " + " ".join(shlex.quote(x) for x in [os.path.relpath(__file__, ROOT)] +
                                         list(sys.argv[1:] if argv is None else argv)),
-        "commit": commit(), "quick": a.quick, "settings": dataclasses.asdict(s), "seeds": list(s.seeds),
+        "commit": code_version(ROOT), "quick": a.quick, "settings": dataclasses.asdict(s), "seeds": list(s.seeds),
         "budget": {"cpu_seconds_per_run": s.budget, "clock": "process CPU time (training and evaluation)"},
         "stopping_rule": (f"stop when the best of the last {s.patience} held-out evaluations (every {s.eval_every} "
                           f"steps) is not {s.min_improvement} bits/dim better than the best before them, or after "

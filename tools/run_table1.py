@@ -199,19 +199,6 @@ def summarize(results: list[dict]) -> dict:
     return out
 
 
-def git_commit() -> str:
-    import subprocess
-
-    root = Path(__file__).resolve().parents[1]
-    try:
-        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "iconv", "tools"], cwd=root,
-                               capture_output=True, text=True).stdout
-        return head.stdout.strip() + ("+uncommitted" if dirty.strip() else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def main(argv=None) -> int:
     import shlex
 
@@ -301,7 +288,7 @@ def main(argv=None) -> int:
         results = [train_one(job) for job in jobs]
     import torch
 
-    from iconv.studies import NOISE_FACTOR
+    from iconv.studies import NOISE_FACTOR, code_version
     from iconv.train import atomic_write_json
 
     e = experiment(args.size, 0, False, overrides, seeds[0])
@@ -311,7 +298,7 @@ def main(argv=None) -> int:
         "what": "Table 1 of Finzi et al. (2019) rebuilt with iconv; measured outside CI",
         "command": "python " + " ".join(shlex.quote(x) for x in ["tools/run_table1.py"] +
                                         list(sys.argv[1:] if argv is None else argv)),
-        "commit": git_commit(), "quick": args.quick,
+        "commit": code_version(Path(__file__).resolve().parents[1]), "quick": args.quick,
         "preset": args.size, "settings": settings, "penalty_settings": configs.TABLE1_PENALTY, "seeds": seeds,
         "experiment": e.to_dict(),
         "machine": f"{platform.machine()} {os.cpu_count()} CPUs, torch {torch.__version__}, "
