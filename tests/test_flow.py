@@ -306,3 +306,7 @@ def test_flow_step_folds_the_affine_into_the_conv_inside_a_model():
                              torch.autograd.grad((reference[0] * g).sum() + reference[1].sum(), params)):
         torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(step.inverse(folded), x, rtol=1e-12, atol=1e-12)
+    with inside():  # a slice of a step is a FlowStep without the affine: it runs layer by layer
+        sliced = step[1:](x)
+    assert type(step[1:]) is FlowStep
+    torch.testing.assert_close(sliced[0], InvertibleSequential(*list(step)[1:])(x)[0], rtol=0, atol=0)

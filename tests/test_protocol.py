@@ -141,8 +141,8 @@ CASES = [
     # FlowStep: called by the user (layer by layer) and inside a model (the affine folded into the conv)
     Case("FlowStep", lambda: flow_step(3, 3, slope=0.3), (3, 4, 5)),
     Case("FlowStep-inside", lambda: InvertibleSequential(SneakyReLU(0.3), flow_step(3, 3, slope=0.3)), (3, 4, 5)),
-    Case("FlowStep-inside-k1-no-activation", lambda: InvertibleSequential(SneakyReLU(0.3), flow_step(2, 1, activation=False)),
-         (2, 3, 3)),
+    Case("FlowStep-inside-k1-no-activation",
+         lambda: InvertibleSequential(SneakyReLU(0.3), flow_step(2, 1, activation=False)), (2, 3, 3)),
     Case("PixelAffine", lambda: PixelAffine((2, 3, 5)), (2, 3, 5)),
     Case("LogitTransform", lambda: LogitTransform(0.1), (2, 3, 5), inputs="rand"),
     Case("Invertible1x1Conv", lambda: Invertible1x1Conv(4), (4, 3, 2)),

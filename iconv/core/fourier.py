@@ -356,7 +356,7 @@ def _block_logabsdet(LU: torch.Tensor, scale: torch.Tensor, backend: str) -> tor
 
 
 class _LogAbsDet(torch.autograd.Function):
-    r""":math:`\sum_f m_f \log|\det A_{g,f}|` for each of ``G`` convs, with the analytic gradient :math:`m_f A_{g,f}^{-H}`.
+    r""":math:`\sum_f m_f \log|\det A_{g,f}|` for each of ``G`` convs, with the gradient :math:`m_f A_{g,f}^{-H}`.
 
     ``blocks`` ``(G * f', c, c)`` holds the ``f'`` distinct blocks of each conv in turn; the result is
     ``(G,)``. torch's generic backward through ``lu_factor`` (triangular solves and products on the

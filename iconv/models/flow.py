@@ -50,8 +50,8 @@ from ..layers.base import InvertibleModule, InvertibleSequential, MultiScale, at
 from ..layers.conv import InvertibleConv2d, circular_conv, shared_logabsdets
 from ..layers.downsample import AvgDownsample, NNDownsample, Squeeze
 
-__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "FlowStep", "flow_step", "halvings", "level_depths", "nll_to_bits_per_dim",
-           "standard_normal_log_prob"]
+__all__ = ["ConvFlow", "DOWNSAMPLERS", "FlowModel", "FlowStep", "flow_step", "halvings", "level_depths",
+           "nll_to_bits_per_dim", "standard_normal_log_prob"]
 
 #: The invertible 2x2 downsamplings by the names the models' ``downsample`` argument takes.
 DOWNSAMPLERS = {"squeeze": Squeeze, "nn": NNDownsample, "avg": AvgDownsample}
@@ -357,7 +357,10 @@ class FlowStep(InvertibleSequential):
     """
 
     def _foldable(self, x: torch.Tensor) -> bool:
-        """Not the user's own call (validated layer by layer), not the Fourier route, no hooks to run."""
+        """An affine then a conv (a slice of a step may not be), not the user's own call (validated
+        layer by layer), not the Fourier route, no hooks to run."""
+        if len(self) < 2 or not (isinstance(self[0], ActNorm) and isinstance(self[1], InvertibleConv2d)):
+            return False
         norm, conv = self[0], self[1]
         return not (at_boundary() or conv.kernel_size // 2 > min(x.shape[-2:]) or _hooked(norm) or _hooked(conv))
 
@@ -401,7 +404,7 @@ def _hooked(module: nn.Module) -> bool:
 
 def flow_step(channels: int, kernel_size: int = 3, *, slope: float = 0.1, backend: str = "complex",
               init_scale: float = 0.1, activation: bool = True) -> FlowStep:
-    """One step of :class:`ConvFlow` (:class:`FlowStep`): ActNorm, an invertible ``k x k`` circular conv, SneakyReLU (optional)."""
+    """One step of :class:`ConvFlow` (a :class:`FlowStep`): ActNorm, a ``k x k`` conv, SneakyReLU (optional)."""
     layers = [ActNorm(channels), InvertibleConv2d(channels, kernel_size, True, backend, init_scale)]
     return FlowStep(*layers, *([SneakyReLU(slope)] if activation else []))
 
