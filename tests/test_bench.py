@@ -358,3 +358,14 @@ def test_cli_bad_training_arguments(argv, message, capsys):
         bench.main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_peak_memory_keeps_the_profilers_tracing_lines_out_of_stderr_and_restores_it(capfd):
+    import os
+
+    x = torch.randn(50, 50, requires_grad=True)
+    peak, method = bench.peak_memory(lambda: (x * 2).sum().backward())
+    assert peak > 0 and method == "torch.profiler"
+    os.write(2, b"stderr still works\n")
+    err = capfd.readouterr().err
+    assert "stderr still works" in err and "profiler_start" not in err

@@ -32,6 +32,7 @@ Command line::
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -102,6 +103,28 @@ def _replayed_peak(trace_path: str) -> int:
     return peak
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """Send the process's file descriptor 2 to /dev/null for the block.
+
+    Some torch builds (2.13's CPU wheel among them) print a tracing line to the process's stderr
+    each time a profiler starts and stops; in a notebook they land in the page. Python's own
+    ``sys.stderr`` is untouched, and the descriptor is restored even when the block raises.
+    """
+    try:
+        saved = os.dup(2)
+    except OSError:  # no descriptor 2 to redirect
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def peak_memory(step: Callable[[], object], device: torch.device | str = "cpu") -> tuple[int, str]:
     """``(bytes, method)``: the peak memory one call of ``step()`` holds beyond what was allocated before it.
 
@@ -119,7 +142,7 @@ def peak_memory(step: Callable[[], object], device: torch.device | str = "cpu") 
         return torch.cuda.max_memory_allocated(device) - before, "torch.cuda.max_memory_allocated"
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     fd, path = tempfile.mkstemp(suffix=".json")
     os.close(fd)
