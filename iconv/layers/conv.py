@@ -50,7 +50,9 @@ def shared_logabsdets(convs: Iterable[tuple["InvertibleConv2d", tuple[int, int]]
     bit for bit to separate calls; inside the block, a listed conv's ``forward`` at its listed
     size takes its value from there. Without gradients nothing is computed: each conv then
     reuses its cached factorization. A flow's forward wraps its layers in this block: ConvFlow's
-    18 convs become 3 factorizations per training step.
+    18 convs become 3 factorizations per training step, which took the step from 1.38 to 1.14
+    Glow-baseline steps (Fashion-MNIST shape, batch 64, one thread, medians of 40 interleaved
+    rounds; 1.49 to 1.19 on two threads).
     """
     if not torch.is_grad_enabled():
         yield
@@ -122,7 +124,10 @@ class _CircularConv2d(torch.autograd.Function):
     c = 8, 7x7; 0.51 against 0.67 ms at c = 12, 16x16), and loses for many (0.55 against 0.33 ms at
     c = 16, 16x16, batch 32; 24 against 19 ms at c = 64, 32x32): it is used up to
     :data:`FORWARD_ROUTE_MAX_CHANNELS` channels on the CPU, oneDNN's kernel (with the padding's
-    adjoint, :func:`circular_pad_adjoint`) otherwise and on CUDA. The weight gradient is the
+    adjoint, :func:`circular_pad_adjoint`) otherwise and on CUDA. In ConvFlow's training step
+    (as above, 40 interleaved rounds) this class took the step from 1.14 to 1.04 Glow-baseline
+    steps on one thread (1.19 to 1.15 on two) and its peak memory from 1.05 to 0.97 of the
+    baseline's. The weight gradient is the
     backward-weights kernel, the bias gradient a sum. Gradients agree with autograd through the
     padded conv to rounding (tests/test_conv.py: float64 against autograd and ``gradcheck``).
     With ``create_graph=True`` the backward is rebuilt from differentiable operations, so higher

@@ -354,6 +354,11 @@ class FlowStep(InvertibleSequential):
     :meth:`FlowModel.initialize` sets), the layers are called one by one instead, so the hooks
     see what they expect. The result equals the layer-by-layer one up to rounding
     (tests/test_flow.py: 1e-13 in float64); ``inverse`` runs the layers backwards as always.
+
+    Measured on ConvFlow's training step (Fashion-MNIST shape, batch 64, depth 8, one thread, 40
+    interleaved rounds against the Glow baseline): time 1.04 -> 1.03 baseline steps (within the
+    rounds' spread), peak tensor memory 0.97 -> 0.75 of the baseline's (the conv now saves the
+    activation SneakyReLU keeps anyway, instead of the affine's output).
     """
 
     def _foldable(self, x: torch.Tensor) -> bool:
