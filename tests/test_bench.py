@@ -294,6 +294,11 @@ def test_build_models_match_parameter_counts():
     assert abs(glow.num_parameters() - conv.num_parameters()) <= 0.1 * conv.num_parameters()
     with pytest.raises(ValueError, match="unknown model"):
         bench.build_models((1, 8, 8), models=["realnvp"])
+    large = bench.build_models((1, 8, 8), depth=2, kernel_size=5)  # the study's large pair, at a small size
+    assert large["convflow"].arguments["kernel_size"] == 5
+    assert large["glow"].arguments["hidden"] == matching_hidden_width((1, 8, 8), large["convflow"].num_parameters(), 1)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int, got 4"):
+        bench.build_models((1, 8, 8), kernel_size=4)
 
 
 def test_training_step_is_forward_and_backward_of_the_mean_nll():
@@ -352,6 +357,7 @@ def test_cli_training_writes_a_csv_that_reads_back(tmp_path):
     (["--training", "--image", "1x28"], "CxHxW"),
     (["--training", "--threads", "0"], "positive thread counts"),
     (["--point", "4x4", "--threads", "1,2"], "one count"),
+    (["--training", "--kernel-size", "2"], "--kernel-size must be a positive odd number, got 2"),
 ])
 def test_cli_bad_training_arguments(argv, message, capsys):
     with pytest.raises(SystemExit) as exit_info:

@@ -10,6 +10,7 @@ Training throughput (:mod:`iconv.bench.training`)::
 
     python -m iconv.bench --training                      # ConvFlow vs Glow, 1 and 2 threads, batch 64
     python -m iconv.bench --training --threads 1 --image cifar10 --depth 8 --csv training.csv
+    python -m iconv.bench --training --depth 12 --kernel-size 5   # the flow study's large pair
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
                         "the default when no --sweep is given)")
     p.add_argument("--batch", type=int, default=None,
                    help="images per batch (default 32 as the paper; 64 with --training)")
-    p.add_argument("--kernel-size", type=int, default=3, help="odd filter size k (default 3)")
+    p.add_argument("--kernel-size", type=int, default=3,
+                   help="odd filter size k (default 3; with --training: ConvFlow's kernels)")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 or auto (default)")
     p.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per contender (median taken)")
@@ -100,12 +102,14 @@ def _main_training(p: argparse.ArgumentParser, args) -> list[dict]:
         for name, value in (("--depth", args.depth), ("--repeats", args.repeats)):
             if value < 1:
                 raise ValueError(f"{name} must be positive, got {value}")
+        if args.kernel_size < 1 or args.kernel_size % 2 == 0:
+            raise ValueError(f"--kernel-size must be a positive odd number, got {args.kernel_size}")
     except (ValueError, RuntimeError) as error:
         p.error(str(error))
     batch = 64 if args.batch is None else args.batch
-    settings = dict(shape=shape, depth=args.depth, batch=batch, device=device, dtype=args.dtype, threads=threads,
-                    repeats=args.repeats, warmup=args.warmup, models=models, seed=args.seed,
-                    memory=not args.no_memory)
+    settings = dict(shape=shape, depth=args.depth, kernel_size=args.kernel_size, batch=batch, device=device,
+                    dtype=args.dtype, threads=threads, repeats=args.repeats, warmup=args.warmup, models=models,
+                    seed=args.seed, memory=not args.no_memory)
     meta = {**metadata(device), **{k: (str(v) if k == "device" else v) for k, v in settings.items()},
             "mode": "training"}
     print(f"iconv.bench --training | torch {meta['torch']} | {meta['device']}: {meta['hardware']} | {args.dtype} | "

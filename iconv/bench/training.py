@@ -70,14 +70,19 @@ def parse_image(text: str) -> tuple[int, int, int]:
     return shape
 
 
-def build_models(shape=(1, 28, 28), depth: int = 8, models: Sequence[str] = MODELS) -> dict[str, torch.nn.Module]:
-    """The flows of chapter 7 at ``depth`` (:func:`iconv.train.build_flow`): ConvFlow and the matched Glow."""
+def build_models(shape=(1, 28, 28), depth: int = 8, models: Sequence[str] = MODELS,
+                 kernel_size: int = 3) -> dict[str, torch.nn.Module]:
+    """The flows of chapter 7 (:func:`iconv.train.build_flow`): ConvFlow at ``depth`` with ``k x k``
+    kernels, and the Glow baseline matched to its parameter count (depth 8, k = 3 is the study's
+    small pair, depth 12, k = 5 its large one)."""
     from ..train import build_flow
 
     unknown = [m for m in models if m not in MODELS]
     if unknown:
         raise ValueError(f"unknown model(s) {unknown}; expected names from {list(MODELS)}")
-    return {name: build_flow(tuple(shape), name, depth=depth) for name in models}
+    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 or kernel_size % 2 == 0:
+        raise ValueError(f"kernel_size must be a positive odd int, got {kernel_size!r}")
+    return {name: build_flow(tuple(shape), name, depth=depth, kernel_size=kernel_size) for name in models}
 
 
 def training_step(model: torch.nn.Module, x: torch.Tensor) -> Callable[[], torch.Tensor]:
@@ -156,13 +161,14 @@ def peak_memory(step: Callable[[], object], device: torch.device | str = "cpu") 
 def training_columns() -> list[str]:
     """The columns of :func:`measure_training`'s rows (and of ``--training --csv``), in order.
 
-    ``depth`` is the steps per scale (``"8/8"``), ``hidden`` the baseline's coupling width (0 for
+    ``depth`` is the steps per scale (``"8/8"``), ``kernel_size`` ConvFlow's conv kernel (0 for the
+    baseline, whose coupling networks use 3x3 convs), ``hidden`` the baseline's coupling width (0 for
     ConvFlow, which has none), ``threads`` 0 on CUDA; ``*_vs_baseline`` are ratios to the Glow
     baseline measured in the same rounds (1 for the baseline itself): ``time_vs_baseline`` the ratio
     of the median step times, ``time_vs_baseline_paired`` the median of the per-round ratios and
     ``time_vs_baseline_q1``/``_q3`` their quartiles.
     """
-    return ["model", "parameters", "depth", "hidden", "image", "batch", "device", "hardware", "dtype", "threads",
+    return ["model", "parameters", "depth", "kernel_size", "hidden", "image", "batch", "device", "hardware", "dtype", "threads",
             "step_ms", "step_ms_q1", "step_ms_q3", "rel_iqr", "repeats", "steps_per_s", "peak_mib", "memory_method",
             "time_vs_baseline", "time_vs_baseline_paired", "time_vs_baseline_q1", "time_vs_baseline_q3",
             "memory_vs_baseline"]
@@ -171,6 +177,7 @@ def training_columns() -> list[str]:
 def measure_training(
     shape=(1, 28, 28),
     depth: int = 8,
+    kernel_size: int = 3,
     batch: int = 64,
     device: str | torch.device = "cpu",
     dtype: str | torch.dtype = "float32",
@@ -197,7 +204,7 @@ def measure_training(
     from ..data import dequantize
 
     torch.manual_seed(seed)
-    built = build_models(shape, depth, models)
+    built = build_models(shape, depth, models, kernel_size)
     generator = torch.Generator().manual_seed(seed)
     images = torch.randint(0, 256, (batch, *shape), generator=generator, dtype=torch.uint8)
     x = dequantize(images, generator=generator, dtype=dtype).to(device)
@@ -223,6 +230,7 @@ def measure_training(
                 peak, method = peaks[name]
                 rows.append(dict(
                     model=name, parameters=model.num_parameters(), depth=_depth_text(model),
+                    kernel_size=model.arguments.get("kernel_size", 0),
                     hidden=model.arguments.get("hidden", 0), image="x".join(map(str, shape)), batch=batch,
                     device=device.type, hardware=hardware, dtype=str(dtype).replace("torch.", ""),
                     threads=torch.get_num_threads() if device.type == "cpu" else 0,
