@@ -168,8 +168,8 @@ def training_columns() -> list[str]:
     of the median step times, ``time_vs_baseline_paired`` the median of the per-round ratios and
     ``time_vs_baseline_q1``/``_q3`` their quartiles.
     """
-    return ["model", "parameters", "depth", "kernel_size", "hidden", "image", "batch", "device", "hardware", "dtype", "threads",
-            "step_ms", "step_ms_q1", "step_ms_q3", "rel_iqr", "repeats", "steps_per_s", "peak_mib", "memory_method",
+    return ["model", "parameters", "depth", "kernel_size", "hidden", "image", "batch", "device", "hardware", "dtype",
+            "threads", "step_ms", "step_ms_q1", "step_ms_q3", "rel_iqr", "repeats", "steps_per_s", "peak_mib", "memory_method",
             "time_vs_baseline", "time_vs_baseline_paired", "time_vs_baseline_q1", "time_vs_baseline_q3",
             "memory_vs_baseline"]
 
