@@ -117,9 +117,11 @@ def test_bad_inputs():
 
 
 @pytest.mark.parametrize("p,h,w", [(1, 1, 1), (1, 3, 4), (2, 2, 5), (3, 7, 3)])
-def test_circular_pad_equals_torch_circular_padding(p, h, w):
+def test_circular_pad_wraps_rows_and_columns_around(p, h, w):
     x = torch.randn(2, 3, h, w, dtype=torch.float64)
-    assert torch.equal(circular_pad(x, p), torch.nn.functional.pad(x, (p,) * 4, mode="circular"))
+    rows = torch.arange(-p, h + p) % h  # out[i, j] = x[(i - p) % h, (j - p) % w]
+    cols = torch.arange(-p, w + p) % w
+    assert torch.equal(circular_pad(x, p), x[:, :, rows][:, :, :, cols])
 
 
 @pytest.mark.parametrize("k", [1, 3, 5])

@@ -77,9 +77,16 @@ def shared_logabsdets(convs: Iterable[tuple["InvertibleConv2d", tuple[int, int]]
 
 
 def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Wrap ``p <= min(h, w)`` rows and columns around ``x`` ``(..., h, w)``: equals ``F.pad(x, (p,) * 4, mode="circular")``."""
-    x = torch.cat([x[..., -p:, :], x, x[..., :p, :]], dim=-2)
-    return torch.cat([x[..., -p:], x, x[..., :p]], dim=-1)
+    """Wrap ``p <= min(h, w)`` rows and columns around ``x`` ``(B, c, h, w)``.
+
+    ``out[..., i, j] = x[..., (i - p) % h, (j - p) % w]`` for ``i < h + 2p``, ``j < w + 2p``.
+
+    One ``F.pad(mode="circular")``. (Two ``cat`` of edge slices were faster when autograd
+    differentiated the padding; :class:`_CircularConv2d` never does, and one op is then faster:
+    ConvFlow's training step 1.08 -> 1.02 Glow-baseline steps on one thread, 1.18 -> 1.14 on two,
+    medians of 40 interleaved rounds.)
+    """
+    return F.pad(x, (p, p, p, p), mode="circular")
 
 
 def circular_pad_adjoint(g: torch.Tensor, p: int) -> torch.Tensor:
@@ -88,8 +95,7 @@ def circular_pad_adjoint(g: torch.Tensor, p: int) -> torch.Tensor:
     Every entry of the padded image is a copy of one entry of ``x``, so the adjoint adds each
     border strip onto the entries it copied: the centre, plus the left strip onto the last ``p``
     columns and the right strip onto the first ``p``, then the same for rows. This is the gradient
-    of the padding; one clone and four strip additions, instead of the four full-size zero-filled
-    slice gradients autograd builds for the two ``cat``.
+    of the padding: one clone per axis and four strip additions.
     """
     h, w = g.shape[-2] - 2 * p, g.shape[-1] - 2 * p
     cols = g[..., p:w + p].clone()  # (..., h + 2p, w)
@@ -168,7 +174,7 @@ def circular_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     """The circular conv of ``x`` ``(B, c, h, w)``: spatial when the kernel fits the image, else Fourier.
 
     Exactly :func:`iconv.circular.circular_conv2d` (same values, bit for bit: padding only copies),
-    with the wrap-around built by two ``cat`` of edge slices, no padding at all for ``k = 1``, and,
+    with no padding at all for ``k = 1``, and,
     when a gradient is needed, the backward of :class:`_CircularConv2d` (its input saved, not the
     padded copy; the input gradient as a forward conv for few channels).
     """
