@@ -97,7 +97,8 @@ SPEEDUP_LABELS = {
 }
 LABELS = {
     "conv_fourier": "conv F", "logdet_complex": "lad C", "logdet_lifted": "lad L",
-    "conv_train": "conv f+b", "logdet_train": "lad f+b", "inverse_fresh": "inv fresh", "inverse_cached": "inv cached", "paper_inverse": "paper inv",
+    "conv_train": "conv f+b", "logdet_train": "lad f+b",
+    "inverse_fresh": "inv fresh", "inverse_cached": "inv cached", "paper_inverse": "paper inv",
     "paper_logdet": "paper lad", "dense_logdet": "dense lad", "dense_inverse": "dense inv",
     "part_fft": "fft", "part_spectrum": "spectrum", "part_factorize": "LU", "part_solve": "solve",
 }
@@ -349,7 +350,8 @@ def format_table(rows: Sequence[dict]) -> str:
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(line, widths)) for line in [head] + body]
     notes = sorted({f"c={r['c']} m={r['h']}: dense route {r['dense_note']}" for r in rows if r["dense_note"]})
     legend = ("conv ms = median of torch's spatial circular conv; other columns before 'x' = time / conv time; "
-              "f+b = forward + backward (with gradients); 'x a vs b' = time of b / time of a (half-spec: paper lad / lad L; caching: inv fresh / inv cached); "
+              "f+b = forward + backward (with gradients); "
+              "'x a vs b' = time of b / time of a (half-spec: paper lad / lad L; caching: inv fresh / inv cached); "
               "- = not run")
     return "\n".join(lines + [legend] + notes)
 

@@ -169,9 +169,9 @@ def training_columns() -> list[str]:
     ``time_vs_baseline_q1``/``_q3`` their quartiles.
     """
     return ["model", "parameters", "depth", "kernel_size", "hidden", "image", "batch", "device", "hardware", "dtype",
-            "threads", "step_ms", "step_ms_q1", "step_ms_q3", "rel_iqr", "repeats", "steps_per_s", "peak_mib", "memory_method",
-            "time_vs_baseline", "time_vs_baseline_paired", "time_vs_baseline_q1", "time_vs_baseline_q3",
-            "memory_vs_baseline"]
+            "threads", "step_ms", "step_ms_q1", "step_ms_q3", "rel_iqr", "repeats", "steps_per_s", "peak_mib",
+            "memory_method", "time_vs_baseline", "time_vs_baseline_paired", "time_vs_baseline_q1",
+            "time_vs_baseline_q3", "memory_vs_baseline"]
 
 
 def measure_training(
