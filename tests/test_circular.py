@@ -2,7 +2,7 @@ import pytest
 import torch
 from hypothesis import given, strategies as st
 
-from iconv.core.circular import check_weight, circular_conv2d, dense_conv_matrix
+from iconv.core.circular import check_weight, circular_conv2d, circular_pad, circular_pad_adjoint, dense_conv_matrix
 
 
 def loop_conv(x, weight):
@@ -48,3 +48,23 @@ def test_spatial_conv_refuses_kernel_wider_than_twice_the_image():
 def test_bad_weights_are_refused(weight, match):
     with pytest.raises(ValueError, match=match):
         check_weight(weight)
+
+
+@pytest.mark.parametrize("p,h,w", [(1, 1, 1), (1, 3, 4), (2, 2, 5), (3, 7, 3)])
+def test_circular_pad_wraps_rows_and_columns_around(p, h, w):
+    x = torch.randn(2, 3, h, w, dtype=torch.float64)
+    rows = torch.arange(-p, h + p) % h  # out[i, j] = x[(i - p) % h, (j - p) % w]
+    cols = torch.arange(-p, w + p) % w
+    assert torch.equal(circular_pad(x, p), x[:, :, rows][:, :, :, cols])
+
+
+def test_circular_pad_adjoint_is_the_adjoint_and_the_gradient():
+    torch.manual_seed(0)
+    for p, (h, w) in [(1, (4, 5)), (2, (3, 2)), (2, (5, 5)), (3, (3, 4))]:
+        x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
+        g = torch.randn(2, 3, h + 2 * p, w + 2 * p, dtype=torch.float64)
+        padded = torch.nn.functional.pad(x, (p,) * 4, mode="circular")
+        (expected,) = torch.autograd.grad(padded, x, g)
+        torch.testing.assert_close(circular_pad_adjoint(g, p), expected, rtol=1e-14, atol=1e-14)
+        lhs, rhs = (padded * g).sum(), (x * circular_pad_adjoint(g, p)).sum()
+        assert abs(lhs.item() - rhs.item()) < 1e-12 * abs(lhs.item())

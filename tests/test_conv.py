@@ -6,7 +6,7 @@ import iconv
 from iconv import fourier
 from iconv.core.circular import circular_conv2d, dense_conv_matrix
 from iconv.layers import conv as conv_module
-from iconv.layers.conv import InvertibleConv2d, circular_conv, circular_pad, circular_pad_adjoint, shared_logabsdets
+from iconv.layers.conv import InvertibleConv2d, circular_conv, shared_logabsdets
 from tests.helpers import dense_apply, relerr
 
 
@@ -116,14 +116,6 @@ def test_bad_inputs():
         layer.condition_number()
 
 
-@pytest.mark.parametrize("p,h,w", [(1, 1, 1), (1, 3, 4), (2, 2, 5), (3, 7, 3)])
-def test_circular_pad_wraps_rows_and_columns_around(p, h, w):
-    x = torch.randn(2, 3, h, w, dtype=torch.float64)
-    rows = torch.arange(-p, h + p) % h  # out[i, j] = x[(i - p) % h, (j - p) % w]
-    cols = torch.arange(-p, w + p) % w
-    assert torch.equal(circular_pad(x, p), x[:, :, rows][:, :, :, cols])
-
-
 @pytest.mark.parametrize("k", [1, 3, 5])
 def test_layer_conv_is_the_circular_conv_bit_for_bit(k):
     layer = InvertibleConv2d(3, k).double()
@@ -161,18 +153,6 @@ def test_shared_logabsdets_compute_nothing_without_gradients(monkeypatch):
     with torch.no_grad(), shared_logabsdets([(conv, (4, 4))]):
         y, logabsdet = conv(torch.randn(2, 3, 4, 4, dtype=torch.float64))
     assert torch.equal(logabsdet, conv.factorization(4, 4).logabsdet.expand(2))
-
-
-def test_circular_pad_adjoint_is_the_adjoint_and_the_gradient():
-    torch.manual_seed(0)
-    for p, (h, w) in [(1, (4, 5)), (2, (3, 2)), (2, (5, 5)), (3, (3, 4))]:
-        x = torch.randn(2, 3, h, w, dtype=torch.float64, requires_grad=True)
-        g = torch.randn(2, 3, h + 2 * p, w + 2 * p, dtype=torch.float64)
-        padded = torch.nn.functional.pad(x, (p,) * 4, mode="circular")
-        (expected,) = torch.autograd.grad(padded, x, g)
-        torch.testing.assert_close(circular_pad_adjoint(g, p), expected, rtol=1e-14, atol=1e-14)
-        lhs, rhs = (padded * g).sum(), (x * circular_pad_adjoint(g, p)).sum()
-        assert abs(lhs.item() - rhs.item()) < 1e-12 * abs(lhs.item())
 
 
 @pytest.mark.parametrize("route", ["forward", "onednn"])

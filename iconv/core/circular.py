@@ -32,6 +32,33 @@ def check_weight(weight: torch.Tensor) -> None:
         raise ValueError("weight holds non-finite values (NaN or inf)")
 
 
+def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
+    """Wrap ``p <= min(h, w)`` rows and columns around ``x`` ``(B, c, h, w)``.
+
+    ``out[..., i, j] = x[..., (i - p) % h, (j - p) % w]`` for ``i < h + 2p``, ``j < w + 2p``: one
+    ``F.pad(mode="circular")``.
+    """
+    return F.pad(x, (p, p, p, p), mode="circular")
+
+
+def circular_pad_adjoint(g: torch.Tensor, p: int) -> torch.Tensor:
+    r"""The adjoint of :func:`circular_pad`: ``(..., h + 2p, w + 2p) -> (..., h, w)``.
+
+    Every entry of the padded image is a copy of one entry of ``x``, so the adjoint adds each
+    border strip onto the entries it copied: the centre, plus the left strip onto the last ``p``
+    columns and the right strip onto the first ``p``, then the same for rows. This is the gradient
+    of the padding: one clone per axis and four strip additions.
+    """
+    h, w = g.shape[-2] - 2 * p, g.shape[-1] - 2 * p
+    cols = g[..., p:w + p].clone()  # (..., h + 2p, w)
+    cols[..., w - p:] += g[..., :p]
+    cols[..., :p] += g[..., w + p:]
+    out = cols[..., p:h + p, :].clone()  # (..., h, w)
+    out[..., h - p:, :] += cols[..., :p, :]
+    out[..., :p, :] += cols[..., h + p:, :]
+    return out
+
+
 def circular_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The circular conv, computed spatially: ``(B, c, h, w) -> (B, c, h, w)``.
 
@@ -44,7 +71,7 @@ def circular_conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
             f"spatial circular padding of {p} needs an image of at least {p}x{p}, got {tuple(x.shape[-2:])}; "
             "use iconv.fourier.conv2d, which wraps any kernel"
         )
-    return F.conv2d(F.pad(x, (p, p, p, p), mode="circular"), weight, bias)
+    return F.conv2d(circular_pad(x, p), weight, bias)
 
 
 def dense_conv_matrix(weight: torch.Tensor, h: int, w: int) -> torch.Tensor:

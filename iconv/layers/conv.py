@@ -12,6 +12,7 @@ from torch import nn
 
 from ..checks import check_image, check_parameters
 from ..core import fourier
+from ..core.circular import circular_conv2d, circular_pad, circular_pad_adjoint
 from ..core.threads import safe_factorization_threads
 from .base import InvertibleModule, at_boundary
 
@@ -76,37 +77,6 @@ def shared_logabsdets(convs: Iterable[tuple["InvertibleConv2d", tuple[int, int]]
         _shared.table = previous
 
 
-def circular_pad(x: torch.Tensor, p: int) -> torch.Tensor:
-    """Wrap ``p <= min(h, w)`` rows and columns around ``x`` ``(B, c, h, w)``.
-
-    ``out[..., i, j] = x[..., (i - p) % h, (j - p) % w]`` for ``i < h + 2p``, ``j < w + 2p``.
-
-    One ``F.pad(mode="circular")``. (Two ``cat`` of edge slices were faster when autograd
-    differentiated the padding; :class:`_CircularConv2d` never does, and one op is then faster:
-    ConvFlow's training step 1.08 -> 1.02 Glow-baseline steps on one thread, 1.18 -> 1.14 on two,
-    medians of 40 interleaved rounds.)
-    """
-    return F.pad(x, (p, p, p, p), mode="circular")
-
-
-def circular_pad_adjoint(g: torch.Tensor, p: int) -> torch.Tensor:
-    r"""The adjoint of :func:`circular_pad`: ``(..., h + 2p, w + 2p) -> (..., h, w)``.
-
-    Every entry of the padded image is a copy of one entry of ``x``, so the adjoint adds each
-    border strip onto the entries it copied: the centre, plus the left strip onto the last ``p``
-    columns and the right strip onto the first ``p``, then the same for rows. This is the gradient
-    of the padding: one clone per axis and four strip additions.
-    """
-    h, w = g.shape[-2] - 2 * p, g.shape[-1] - 2 * p
-    cols = g[..., p:w + p].clone()  # (..., h + 2p, w)
-    cols[..., w - p:] += g[..., :p]
-    cols[..., :p] += g[..., w + p:]
-    out = cols[..., p:h + p, :].clone()  # (..., h, w)
-    out[..., h - p:, :] += cols[..., :p, :]
-    out[..., :p, :] += cols[..., h + p:, :]
-    return out
-
-
 _CONVOLUTION_BACKWARD = torch.ops.aten.convolution_backward.default
 
 #: Up to this many channels the input gradient of a circular conv on the CPU is computed as a
@@ -115,12 +85,15 @@ FORWARD_ROUTE_MAX_CHANNELS = 12
 
 
 class _CircularConv2d(torch.autograd.Function):
-    r"""``F.conv2d(circular_pad(x, p), weight, bias)`` with a backward chosen for small channel counts.
+    r""":func:`~iconv.core.circular.circular_conv2d` with a backward chosen for small channel counts.
 
     **Memory.** It saves ``x``, not its padded copy, which is :math:`(1 + 2p/h)(1 + 2p/w)` times
     larger (1.31x at 14x14, 1.65x at 7x7) and would be kept until the backward; the backward pads
     ``x`` again and frees it at once. In a flow the input is the previous activation's output, which
-    that layer saves anyway, so the conv holds no memory of its own.
+    that layer saves anyway, so the conv holds no memory of its own. The padding is one ``F.pad``:
+    two ``cat`` of edge slices were faster only while autograd differentiated the padding (here it
+    never does; ConvFlow's step 1.08 -> 1.02 Glow-baseline steps on one thread, 1.18 -> 1.14 on
+    two, medians of 40 interleaved rounds).
 
     **Input gradient.** The adjoint of a circular cross-correlation with taps :math:`W_{oc}[a]` is
     the circular cross-correlation with the taps :math:`W_{co}[-a]` (channels swapped, kernel
@@ -130,11 +103,11 @@ class _CircularConv2d(torch.autograd.Function):
     c = 8, 7x7; 0.51 against 0.67 ms at c = 12, 16x16), and loses for many (0.55 against 0.33 ms at
     c = 16, 16x16, batch 32; 24 against 19 ms at c = 64, 32x32): it is used up to
     :data:`FORWARD_ROUTE_MAX_CHANNELS` channels on the CPU, oneDNN's kernel (with the padding's
-    adjoint, :func:`circular_pad_adjoint`) otherwise and on CUDA. In ConvFlow's training step
-    (as above, 40 interleaved rounds) this class took the step from 1.14 to 1.04 Glow-baseline
-    steps on one thread (1.19 to 1.15 on two) and its peak memory from 1.05 to 0.97 of the
-    baseline's. The weight gradient is the
-    backward-weights kernel, the bias gradient a sum. Gradients agree with autograd through the
+    adjoint, :func:`~iconv.core.circular.circular_pad_adjoint`) otherwise and on CUDA. In
+    ConvFlow's training step (as above, 40 interleaved rounds) this class took the step from 1.14
+    to 1.04 Glow-baseline steps on one thread (1.19 to 1.15 on two) and its peak memory from 1.05
+    to 0.97 of the baseline's. The weight gradient is the backward-weights kernel, the bias
+    gradient a sum. Gradients agree with autograd through the
     padded conv to rounding (tests/test_conv.py: float64 against autograd and ``gradcheck``).
     With ``create_graph=True`` the backward is rebuilt from differentiable operations, so higher
     derivatives stay right.
@@ -143,7 +116,7 @@ class _CircularConv2d(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias):
         ctx.save_for_backward(x, weight, bias)
-        return F.conv2d(circular_pad(x, weight.shape[-1] // 2), weight, bias)
+        return circular_conv2d(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad):
@@ -152,8 +125,7 @@ class _CircularConv2d(torch.autograd.Function):
         need_x, need_weight, need_bias = ctx.needs_input_grad
         if torch.is_grad_enabled():  # create_graph=True: differentiate the forward again, with a graph
             inputs = [t for t, need in zip((x, weight, bias), ctx.needs_input_grad) if need]
-            grads = iter(torch.autograd.grad(F.conv2d(circular_pad(x, p), weight, bias), inputs, grad,
-                                             create_graph=True))
+            grads = iter(torch.autograd.grad(circular_conv2d(x, weight, bias), inputs, grad, create_graph=True))
             return tuple(next(grads) if need else None for need in ctx.needs_input_grad)
         grad = grad.contiguous()
         grad_x = grad_weight = None
@@ -173,10 +145,9 @@ class _CircularConv2d(torch.autograd.Function):
 def circular_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """The circular conv of ``x`` ``(B, c, h, w)``: spatial when the kernel fits the image, else Fourier.
 
-    Exactly :func:`iconv.circular.circular_conv2d` (same values, bit for bit: padding only copies),
-    with no padding at all for ``k = 1``, and,
-    when a gradient is needed, the backward of :class:`_CircularConv2d` (its input saved, not the
-    padded copy; the input gradient as a forward conv for few channels).
+    The values of :func:`iconv.circular.circular_conv2d` (it computes them), with no padding at all
+    for ``k = 1`` and, when a gradient is needed, the backward of :class:`_CircularConv2d` (its
+    input saved, not the padded copy; the input gradient as a forward conv for few channels).
     """
     p = weight.shape[-1] // 2
     if p == 0:
@@ -184,7 +155,7 @@ def circular_conv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if p <= min(x.shape[-2:]):
         if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
             return _CircularConv2d.apply(x, weight, bias)
-        return F.conv2d(circular_pad(x, p), weight, bias)  # (B, C, H, W)
+        return circular_conv2d(x, weight, bias)  # (B, C, H, W)
     return fourier.conv2d(x, weight, bias, validate=False)
 
 
